@@ -1,0 +1,42 @@
+"""Ristretto: installs the top-level folders as the namespace package `ristretto`.
+
+`ristretto` itself has no folder: each design-card folder maps to a sub-package, so nothing generic such as
+`model` or `kernels` lands in site-packages.
+"""
+from setuptools import setup
+
+SUBPACKAGES = ["kernels", "model", "engine", "bench"]
+
+setup(
+    name="ristretto",
+    version="0.1.0",
+    description="A lean trainer for Latte-style latent video diffusion transformers",
+    python_requires=">=3.10",
+    packages=[f"ristretto.{name}" for name in SUBPACKAGES],
+    package_dir={f"ristretto.{name}": name for name in SUBPACKAGES},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "diffusers>=0.32",
+        "safetensors",
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={
+        "video": ["av"],
+        "hub": ["transformers", "sentencepiece", "huggingface_hub"],
+        "fp8": ["torchao"],
+        "log": ["tensorboard", "wandb"],
+        "dev": ["pytest", "pytest-benchmark", "triton", "av", "transformers", "sentencepiece", "matplotlib",
+                "tensorboard"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ristretto-train=ristretto.engine.cli:main",
+            "ristretto-sample=ristretto.engine.sample:main",
+            "ristretto-bench=ristretto.bench.__main__:main",
+            "ristretto-plan=ristretto.engine.plan:main",
+            "ristretto-cache=ristretto.engine.cache:main",
+        ]
+    },
+)
