@@ -1,0 +1,423 @@
+"""Typed run configuration: dataclass trees, named presets and `--set key=value` overrides.
+
+Every field has a docstring-style comment under it. `apply_override` type-checks a value against the field's type
+and rejects unknown keys; `validate` checks choices and cross-field rules. Errors are `ConfigError` with one line
+naming the key and what was expected, so the CLI can print it and exit non-zero.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: one line naming the key and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "t2v"
+    """"t2v": text-to-video Latte-1 (cross-attention, adaLN-single); "class": class-conditional Latte-XL (adaLN-Zero)."""
+    in_channels: int = 3
+    """Channels of the (latent) video: 3 for pixel space, 4 for the SD VAE."""
+    learn_sigma: bool = False
+    """Predict the variance too (out channels = 2 * in_channels) with the variational-bound loss term."""
+    patch_size: int = 2
+    """Spatial patch size p: tokens per frame = (H/p) * (W/p)."""
+    hidden_size: int = 64
+    """Transformer width D."""
+    depth: int = 2
+    """Number of layers; each layer is one spatial block followed by one temporal block (Latte-1: 28)."""
+    num_heads: int = 4
+    """Attention heads; head dim = hidden_size / num_heads (Latte: 72)."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width = mlp_ratio * hidden_size."""
+    caption_channels: int = 32
+    """Width of the text encoder's embeddings (T5-XXL: 4096)."""
+    caption_length: int = 16
+    """Captions are padded or cut to this many tokens (Latte: 120)."""
+    num_classes: int = 0
+    """Number of classes for kind="class" (UCF-101: 101); index num_classes is the null class used for CFG."""
+    norm_eps: float = 1e-6
+    """LayerNorm epsilon (Latte: 1e-6)."""
+    pooled_caption: bool = False
+    """Also add a mean-pooled caption vector to the timestep embedding (helps small models learn captions)."""
+    attention_backend: str = "sdpa"
+    """sdpa | sdpa-flash | sdpa-cudnn | sdpa-efficient | sdpa-math | fa4 | fa3 | fa2 | xformers."""
+    kernels: str = "torch"
+    """Fused ops: "triton" (Triton kernels) or "torch" (the pure-torch reference)."""
+    vae: str = "identity"
+    """"identity" (pixel space) or a diffusers AutoencoderKL path / hub id (e.g. stabilityai/sd-vae-ft-ema)."""
+    vae_scaling_factor: float = 0.18215
+    """Latents are multiplied by this after encoding (SD VAE: 0.18215)."""
+    text_encoder: str = "synthetic"
+    """"synthetic" (built-in fixed word vectors, offline) or a transformers T5EncoderModel path / hub id."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    """synthetic | captioned | class_folders | cached."""
+    frames: int = 8
+    """Video frames per sample."""
+    resolution: int = 32
+    """Frame height = width in pixels."""
+    num_images: int = 0
+    """Extra single-image frames per sample for joint image+video training (0 = video only)."""
+    manifest: str = ""
+    """CSV or JSONL manifest (path,caption[,start,end]) for kind=captioned."""
+    root: str = ""
+    """Folder the manifest's paths are relative to, or the class-folder root for kind=class_folders."""
+    image_root: str = ""
+    """Image folder for joint training (empty: draw the extra frames from other videos)."""
+    cache_dir: str = ""
+    """Folder of cached latents + embeddings for kind=cached (written by `python -m ristretto.engine.cache`)."""
+    frame_stride: int = 1
+    """Take every k-th decoded frame."""
+    random_crop: bool = True
+    """Random spatial crop (else center crop) after resizing the short side."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    max_bad_fraction: float = 0.5
+    """Stop when more than this fraction of one batch's draws are unreadable."""
+    synthetic_size: int = 4096
+    """Number of distinct synthetic clips per epoch."""
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    """Training timesteps of the DDPM schedule."""
+    schedule: str = "linear"
+    """Beta schedule: linear | scaled_linear | squaredcos_cap_v2."""
+    beta_start: float = 0.0001
+    """First beta of the linear schedules (Latte: 0.0001)."""
+    beta_end: float = 0.02
+    """Last beta of the linear schedules (Latte: 0.02)."""
+    rescale_zero_snr: bool = False
+    """Rescale betas to zero terminal SNR (needs prediction=v_prediction)."""
+    prediction: str = "epsilon"
+    """What the model predicts: epsilon | v_prediction."""
+    loss_weighting: str = "none"
+    """Per-timestep loss weights: none | min_snr (gamma 5)."""
+    sampler: str = "ddim"
+    """Sampler for validation videos: ddim | dpm (DPM-Solver++ multistep)."""
+    sample_steps: int = 25
+    """Denoising steps when sampling."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale when sampling (1 = no guidance)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    """Optimizer steps to train for."""
+    batch_size: int = 8
+    """Micro-batch size per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: the update equals one batch of batch_size * grad_accum."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_steps: int = 20
+    """Linear LR warmup, in optimizer steps."""
+    lr_schedule: str = "constant"
+    """constant | cosine (after warmup)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this once per optimizer step (0 = off)."""
+    ema_decay: float = 0.999
+    """EMA decay per optimizer step (0 = no EMA: samples use the live weights)."""
+    ema_warmup: bool = True
+    """Use decay min(ema_decay, (1 + step) / (10 + step)) so early EMA follows the model."""
+    cfg_dropout: float = 0.1
+    """Per-sample probability of replacing the caption (or class) by the null one, for classifier-free guidance."""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp8-te | fp8-ao."""
+    fp8_recipe: str = "default"
+    """FP8 scaling recipe: default (delayed for TE, tensorwise for torchao) | delayed | current | mxfp8 | block | tensorwise | rowwise."""
+    checkpointing: str = "none"
+    """Activation checkpointing: none | full | every-k | selective-mlp | selective-attention."""
+    checkpointing_every: int = 2
+    """For checkpointing=every-k: checkpoint every k-th block."""
+    compile: bool = False
+    """torch.compile each block."""
+    seed: int = 0
+    """Seeds model init, data order, noise and CFG dropout."""
+    device: str = "auto"
+    """auto (cuda when present) | cpu | cuda."""
+    log_every: int = 10
+    """Write a metrics.jsonl line every this many optimizer steps."""
+    sample_every: int = 0
+    """Write validation samples every this many steps (0 = only at the end)."""
+    ckpt_every: int = 0
+    """Write a checkpoint every this many steps (0 = only at the end)."""
+    keep_last: int = 2
+    """How many old checkpoints to keep."""
+    max_bad_steps: int = 5
+    """Stop after this many optimizer steps in a row with a NaN/inf loss or gradient."""
+
+
+@dataclass
+class SampleConfig:
+    captions: list[str] = field(default_factory=list)
+    """Captions for validation samples (empty: the dataset's held-out captions)."""
+    num_samples: int = 4
+    """How many captions / classes to sample at each validation."""
+    seed: int = 1234
+    """Fixed seed for validation noise."""
+    fps: int = 8
+    """Frame rate of written videos."""
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = False
+    """Also log to TensorBoard under <run>/tensorboard."""
+    wandb: bool = False
+    """Also log to Weights & Biases (offline when no API key is configured)."""
+    wandb_project: str = "ristretto"
+    """wandb project name."""
+
+
+@dataclass
+class ProfileConfig:
+    steps: int = 0
+    """Wrap this many steps (after 2 warm-up steps) in torch.profiler and write a trace (0 = off)."""
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "auto"
+    """auto (none with one process, else ddp) | none | ddp | fsdp."""
+
+
+@dataclass
+class RunConfig:
+    preset: str = "tiny-t2v"
+    """The preset this config started from."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+CHOICES = {
+    "model.kind": ("t2v", "class"),
+    "model.attention_backend": ("sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "fa4", "fa3", "fa2",
+                                "xformers"),
+    "model.kernels": ("torch", "triton"),
+    "model.patch_size": (1, 2, 4, 8),
+    "data.kind": ("synthetic", "captioned", "class_folders", "cached"),
+    "diffusion.schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "diffusion.prediction": ("epsilon", "v_prediction"),
+    "diffusion.loss_weighting": ("none", "min_snr"),
+    "diffusion.sampler": ("ddim", "dpm"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.precision": ("fp32", "bf16", "fp8-te", "fp8-ao"),
+    "train.fp8_recipe": ("default", "delayed", "current", "mxfp8", "block", "tensorwise", "rowwise"),
+    "train.checkpointing": ("none", "full", "every-k", "selective-mlp", "selective-attention"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "dist.strategy": ("auto", "none", "ddp", "fsdp"),
+}
+
+POSITIVE = ("model.hidden_size", "model.depth", "model.num_heads", "model.in_channels", "model.caption_channels",
+            "model.caption_length", "data.frames", "data.resolution", "train.max_steps", "train.batch_size",
+            "train.grad_accum", "train.log_every", "diffusion.num_train_timesteps", "diffusion.sample_steps",
+            "data.frame_stride", "train.max_bad_steps", "train.checkpointing_every")
+
+
+# ----------------------------------------------------------------------------------------------------------- presets
+
+def tiny_t2v() -> RunConfig:
+    """The default: a ~0.3M-parameter text-to-video Latte on synthetic 8x32x32 clips, trains on 2 CPU cores in minutes."""
+    return RunConfig(preset="tiny-t2v")
+
+
+def tiny_class() -> RunConfig:
+    """Class-conditional tiny Latte on synthetic clips (class = caption index)."""
+    config = RunConfig(preset="tiny-class")
+    config.model.kind = "class"
+    config.model.num_classes = 8
+    return config
+
+
+def latte_class(preset: str, hidden: int, depth: int, heads: int) -> RunConfig:
+    """Latte-S/B/L/XL/2 on UCF-101 latents: 16 frames of 256^2 (32x32x4 latents), adaLN-Zero, learned sigma."""
+    config = RunConfig(preset=preset)
+    model = config.model
+    model.kind, model.num_classes, model.in_channels, model.learn_sigma = "class", 101, 4, True
+    model.hidden_size, model.depth, model.num_heads, model.patch_size = hidden, depth, heads, 2
+    model.vae = "stabilityai/sd-vae-ft-ema"
+    config.data.kind, config.data.frames, config.data.resolution = "class_folders", 16, 256
+    config.train.lr, config.train.batch_size, config.train.precision = 1e-4, 4, "bf16"
+    config.train.max_steps, config.train.ema_decay, config.train.warmup_steps = 100_000, 0.9999, 0
+    return config
+
+
+def latte_t2v_512() -> RunConfig:
+    """Latte-1 text-to-video: 28 layers (28 spatial + 28 temporal), 16 heads x 72, T5-XXL captions, 16x512^2."""
+    config = RunConfig(preset="latte-t2v-512")
+    model = config.model
+    model.in_channels, model.learn_sigma, model.patch_size = 4, True, 2
+    model.hidden_size, model.depth, model.num_heads = 1152, 28, 16
+    model.caption_channels, model.caption_length = 4096, 120
+    model.vae, model.text_encoder = "stabilityai/sd-vae-ft-ema", "google/t5-v1_1-xxl"
+    config.data.kind, config.data.frames, config.data.resolution = "cached", 16, 512
+    config.train.lr, config.train.batch_size, config.train.precision = 1e-4, 1, "bf16"
+    config.train.max_steps, config.train.ema_decay, config.train.warmup_steps = 100_000, 0.9999, 0
+    config.diffusion.guidance_scale = 7.5
+    return config
+
+
+def synthetic_proof() -> RunConfig:
+    """Learns the synthetic caption grammar on CPU: v-prediction, zero-terminal-SNR cosine schedule, patch 4."""
+    config = RunConfig(preset="synthetic-proof")
+    model = config.model
+    model.hidden_size, model.depth, model.num_heads, model.patch_size = 128, 4, 4, 4
+    model.pooled_caption = True
+    config.data.frames, config.data.resolution = 8, 16
+    config.diffusion.schedule, config.diffusion.rescale_zero_snr = "squaredcos_cap_v2", True
+    config.diffusion.prediction, config.diffusion.guidance_scale = "v_prediction", 1.5
+    config.train.max_steps, config.train.lr, config.train.batch_size = 2500, 5e-4, 16
+    config.train.sample_every = 500
+    return config
+
+
+PRESETS = {
+    "tiny-t2v": tiny_t2v,
+    "tiny-class": tiny_class,
+    "latte-s2-ucf": lambda: latte_class("latte-s2-ucf", 384, 12, 6),
+    "latte-b2-ucf": lambda: latte_class("latte-b2-ucf", 768, 12, 12),
+    "latte-l2-ucf": lambda: latte_class("latte-l2-ucf", 1024, 24, 16),
+    "latte-xl2-ucf": lambda: latte_class("latte-xl2-ucf", 1152, 14, 16),
+    "latte-t2v-512": latte_t2v_512,
+    "synthetic-proof": synthetic_proof,
+}
+
+
+def preset_config(name: str) -> RunConfig:
+    """A fresh RunConfig from the preset called `name`."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------------------- overrides
+
+def _field_types(obj) -> dict[str, typing.Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _parse_value(key: str, text: str, kind) -> typing.Any:
+    """Parse `text` as the type `kind` of field `key`, or raise ConfigError naming the key."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item_kind,) = typing.get_args(kind)
+        items = json.loads(text) if text.strip().startswith("[") else [t for t in text.split(",") if t.strip()]
+        return [_parse_value(key, str(item), item_kind) for item in items]
+    if origin in (typing.Union, types.UnionType):
+        return _parse_value(key, text, next(a for a in typing.get_args(kind) if a is not type(None)))
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {text!r}")
+    try:
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {text!r}") from None
+    return text
+
+
+def apply_override(config: RunConfig, assignment: str) -> None:
+    """Apply one `section.field=value` assignment in place; unknown keys and bad values raise ConfigError."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.lr=1e-4")
+    key, text = assignment.split("=", 1)
+    key = key.strip()
+    *path, name = key.split(".")
+    target = config
+    for part in path:
+        if not dataclasses.is_dataclass(target) or part not in _field_types(target):
+            raise ConfigError(f"{key}: unknown key (sections: {', '.join(f.name for f in dataclasses.fields(config))})")
+        target = getattr(target, part)
+    types_here = _field_types(target) if dataclasses.is_dataclass(target) else {}
+    if name not in types_here or dataclasses.is_dataclass(getattr(target, name)):
+        known = ", ".join(f"{'.'.join(path)}.{n}" for n in types_here) if path else "a section.field"
+        raise ConfigError(f"{key}: unknown key; expected one of {known}")
+    setattr(target, name, _parse_value(key, text, types_here[name]))
+
+
+def get_value(config: RunConfig, key: str):
+    """The value at dotted `key`."""
+    target = config
+    for part in key.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Check choices and cross-field rules; raise ConfigError naming the first bad key."""
+    for key, choices in CHOICES.items():
+        value = get_value(config, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: got {value!r}; expected one of {', '.join(map(str, choices))}")
+    for key in POSITIVE:
+        if get_value(config, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {get_value(config, key)}")
+    model, data, train = config.model, config.data, config.train
+    if model.hidden_size % model.num_heads:
+        raise ConfigError(f"model.hidden_size: {model.hidden_size} must be divisible by model.num_heads={model.num_heads}")
+    if data.resolution % model.patch_size:
+        raise ConfigError(f"data.resolution: {data.resolution} must be divisible by model.patch_size={model.patch_size}")
+    if model.kind == "class" and model.num_classes <= 0:
+        raise ConfigError("model.num_classes: must be positive for model.kind=class")
+    if not 0.0 <= train.cfg_dropout < 1.0:
+        raise ConfigError(f"train.cfg_dropout: expected a probability in [0, 1), got {train.cfg_dropout}")
+    if not 0.0 <= train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: expected a value in [0, 1), got {train.ema_decay}")
+    if config.diffusion.rescale_zero_snr and config.diffusion.prediction != "v_prediction":
+        raise ConfigError("diffusion.rescale_zero_snr: needs diffusion.prediction=v_prediction (epsilon is undefined at zero SNR)")
+    if data.num_images < 0:
+        raise ConfigError(f"data.num_images: must be >= 0, got {data.num_images}")
+    return config
+
+
+def build_config(preset: str = "tiny-t2v", overrides: list[str] | None = None) -> RunConfig:
+    """Preset + overrides, validated."""
+    config = preset_config(preset)
+    for assignment in overrides or []:
+        apply_override(config, assignment)
+    return validate(config)
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    """Rebuild a RunConfig from `config_to_dict` output (e.g. a run's config.json); unknown keys raise ConfigError."""
+    config = RunConfig()
+    for section, fields in values.items():
+        if not isinstance(fields, dict):
+            apply_override(config, f"{section}={fields}") if section != "preset" else setattr(config, "preset", fields)
+            continue
+        for name, value in fields.items():
+            text = json.dumps(value) if isinstance(value, list) else str(value)
+            apply_override(config, f"{section}.{name}={text}")
+    return validate(config)
