@@ -4,13 +4,52 @@ Contract shared by every backend:
     q [N, Sq, heads, dim], k and v [N, Sk, heads, dim] (the "BSHD" layout flash-attention wants),
     mask None or bool [N, Sk] (True = attend; padding = False) -> out [N, Sq, heads, dim].
 Spatial attention calls it with N = B*F, S = H*W; temporal with N = B*H*W, S = F (see model/layout.py).
+The softmax scale is always 1/sqrt(dim); there is no dropout and no causal mask.
+
+A row of `mask` that is all False (a caption with no tokens) has no defined answer: sdpa returns NaN for it and the
+varlen flash kernels return 0. The model never passes such rows (a caption keeps at least its end token).
+
+Backends (`model.attention_backend`):
+    sdpa            torch scaled_dot_product_attention; torch picks flash / cuDNN / efficient / math per call
+    sdpa-flash, sdpa-cudnn, sdpa-efficient, sdpa-math
+                    the same with one torch kernel forced (an error, not a fallback, when it cannot run the call)
+    fa4             FlashAttention 4, `flash_attn.cute` (pip install flash-attn-4; Hopper/Blackwell)
+    fa3             FlashAttention 3, `flash_attn_interface` (built from flash-attention's hopper/ folder)
+    fa2             FlashAttention 2, `flash_attn` (pip install flash-attn)
+    xformers        xformers.ops.memory_efficient_attention (pip install xformers)
+The optional packages are imported only when their backend is asked for. Masked calls on the flash backends pack the
+kept keys into a varlen batch (cu_seqlens from the mask); xformers gets the same packing as a BlockDiagonalMask.
 """
+import importlib
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 AttentionFn = Callable[..., torch.Tensor]
+
+# The torch kernel each forced sdpa variant pins.
+SDPA_KERNELS = {
+    "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa-math": SDPBackend.MATH,
+}
+
+# Optional backends: (module to import, package that provides it, how to install it).
+OPTIONAL_PACKAGES = {
+    "fa4": ("flash_attn.cute", "flash-attn-4", "pip install flash-attn-4"),
+    "fa3": ("flash_attn_interface", "flash-attn-3", "build it from flash-attention's hopper/ folder"),
+    "fa2": ("flash_attn", "flash-attn", "pip install flash-attn"),
+    "xformers": ("xformers.ops", "xformers", "pip install xformers"),
+}
+
+FLASH_MAX_HEAD_DIM = 256  # the largest head dim FlashAttention 2/3/4 compile kernels for
+# FA2 pads odd head dims itself; FA3/FA4 need 16-byte rows (8 bf16 values).
+FLASH_HEAD_DIM_MULTIPLE = {"fa2": 1, "fa3": 8, "fa4": 8}
 
 
 def sdpa_attention(q, k, v, mask=None):
@@ -20,11 +59,144 @@ def sdpa_attention(q, k, v, mask=None):
     return out.transpose(1, 2)
 
 
-ATTENTION_BACKENDS = {"sdpa": sdpa_attention}
+def forced_sdpa(name: str) -> AttentionFn:
+    """sdpa with the torch kernel `SDPA_KERNELS[name]` forced; a call that kernel cannot run raises, naming 'sdpa'."""
+    kernel = SDPA_KERNELS[name]
+
+    def attention(q, k, v, mask=None):
+        try:
+            with sdpa_kernel(kernel):
+                return sdpa_attention(q, k, v, mask)
+        except RuntimeError as error:
+            if "No available kernel" not in str(error) and "No viable backend" not in str(error):
+                raise
+            raise RuntimeError(
+                f"model.attention_backend={name!r}: torch's {kernel.name} kernel cannot run q {tuple(q.shape)} "
+                f"{q.dtype} on {q.device.type} with mask={'None' if mask is None else 'bool'}; "
+                f"use 'sdpa' (torch picks a kernel that can) or 'sdpa-math'") from None
+
+    attention.__name__ = f"sdpa_{kernel.name.lower()}_attention"
+    return attention
+
+
+# ---- varlen packing shared by the flash and xformers backends ----
+
+@dataclass
+class Varlen:
+    """A masked batch packed for varlen kernels: every query row kept, only the attended keys kept."""
+    q: torch.Tensor               # (N*Sq, heads, dim), a view of q
+    k: torch.Tensor               # (total_k, heads, dim), the kept keys of all N sequences back to back
+    v: torch.Tensor               # (total_k, heads, dim)
+    cu_seqlens_q: torch.Tensor    # (N+1,) int32: 0, Sq, 2*Sq, ...
+    cu_seqlens_k: torch.Tensor    # (N+1,) int32: running sum of kept keys
+    kv_lengths: list[int]         # kept keys per sequence (host ints; xformers and max_seqlen_k need them)
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def pack_varlen(q, k, v, mask) -> Varlen:
+    """Pack (q, k, v, mask) for varlen kernels. Works for any mask pattern, not only trailing padding."""
+    n, sq, heads, dim = q.shape
+    lengths = mask.sum(dim=1, dtype=torch.int32)                                     # (N,)
+    cu_seqlens_k = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))        # (N+1,)
+    cu_seqlens_q = torch.arange(0, (n + 1) * sq, sq, dtype=torch.int32, device=q.device)
+    kv_lengths = lengths.tolist()  # one host sync; the boolean gather below needs one anyway
+    return Varlen(
+        q=q.reshape(n * sq, heads, dim), k=k[mask], v=v[mask],  # k[mask]: (total_k, heads, dim)
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, kv_lengths=kv_lengths,
+        max_seqlen_q=sq, max_seqlen_k=max(kv_lengths, default=0),
+    )
+
+
+def first_output(result):
+    """FlashAttention 3/4 return (out, lse) in some versions and out in others."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+def check_flash_inputs(name: str, q) -> None:
+    """FlashAttention kernels take fp16/bf16 and head dims up to 256 (FA3/FA4: multiples of 8); say so up front."""
+    dim, multiple = q.shape[-1], FLASH_HEAD_DIM_MULTIPLE[name]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"model.attention_backend={name!r} needs bf16/fp16 q/k/v, got {q.dtype}; "
+                         f"run under bf16 autocast (train.precision='bf16') or use 'sdpa'")
+    if dim > FLASH_MAX_HEAD_DIM or dim % multiple:
+        raise ValueError(f"model.attention_backend={name!r} supports head dims up to {FLASH_MAX_HEAD_DIM}"
+                         f"{f' that are multiples of {multiple}' if multiple > 1 else ''}, got {dim}; "
+                         f"use 'fa2', 'sdpa' or 'xformers'")
+
+
+# ---- optional backends: each loader imports its package and returns the attention function ----
+
+def load_flash(name: str) -> AttentionFn:
+    """fa2 / fa3 / fa4: same BSHD calls, differing only in module and return value."""
+    module = import_backend(name)
+
+    def attention(q, k, v, mask=None):
+        check_flash_inputs(name, q)
+        if mask is None:
+            return first_output(module.flash_attn_func(q, k, v, softmax_scale=1.0 / math.sqrt(q.shape[-1])))
+        packed = pack_varlen(q, k, v, mask)
+        out = module.flash_attn_varlen_func(
+            packed.q, packed.k, packed.v, cu_seqlens_q=packed.cu_seqlens_q, cu_seqlens_k=packed.cu_seqlens_k,
+            max_seqlen_q=packed.max_seqlen_q, max_seqlen_k=packed.max_seqlen_k,
+            softmax_scale=1.0 / math.sqrt(q.shape[-1]))
+        return first_output(out).view_as(q)  # (N*Sq, heads, dim) -> (N, Sq, heads, dim)
+
+    attention.__name__ = f"{name}_attention"
+    return attention
+
+
+def load_xformers(name: str = "xformers") -> AttentionFn:
+    """xformers memory_efficient_attention takes BMHK (= BSHD); a mask becomes a BlockDiagonalMask over packed keys."""
+    xops = import_backend(name)
+
+    def xformers_attention(q, k, v, mask=None):
+        if mask is None:
+            return xops.memory_efficient_attention(q, k, v)
+        n, sq = q.shape[:2]
+        packed = pack_varlen(q, k, v, mask)
+        bias = xops.fmha.attn_bias.BlockDiagonalMask.from_seqlens(
+            q_seqlen=[sq] * n, kv_seqlen=packed.kv_lengths, device=q.device)
+        out = xops.memory_efficient_attention(packed.q[None], packed.k[None], packed.v[None], attn_bias=bias)
+        return out.view_as(q)  # (1, N*Sq, heads, dim) -> (N, Sq, heads, dim)
+
+    return xformers_attention
+
+
+def import_backend(name: str):
+    """Import the package behind backend `name`, or raise one line naming what to install."""
+    module_name, package, install = OPTIONAL_PACKAGES[name]
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        raise ImportError(f"model.attention_backend={name!r} needs {package}: {install}") from None
+
+
+# name -> loader returning the attention function (loaders import optional packages on demand)
+ATTENTION_BACKENDS: dict[str, Callable[[], AttentionFn]] = {
+    "sdpa": lambda: sdpa_attention,
+    **{name: (lambda name=name: forced_sdpa(name)) for name in SDPA_KERNELS},
+    "fa4": lambda: load_flash("fa4"),
+    "fa3": lambda: load_flash("fa3"),
+    "fa2": lambda: load_flash("fa2"),
+    "xformers": load_xformers,
+}
 
 
 def attention_backend(name: str) -> AttentionFn:
-    """The attention function called `name`."""
+    """The attention function called `name`; optional packages are imported here, once, at build time."""
     if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"model.attention_backend: unknown backend {name!r}; expected one of {sorted(ATTENTION_BACKENDS)}")
-    return ATTENTION_BACKENDS[name]
+        raise ValueError(f"model.attention_backend: unknown backend {name!r}; expected one of {list(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]()
+
+
+def installed_backends() -> list[str]:
+    """Names whose packages import here (the sdpa variants always do; whether a kernel runs depends on the call)."""
+    names = []
+    for name in ATTENTION_BACKENDS:
+        try:
+            attention_backend(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
