@@ -1,0 +1,50 @@
+"""Latte's transformer blocks. One block class serves spatial and temporal positions and both conditionings:
+what differs is the modulation module (adaLN-single or adaLN-Zero) and whether a cross-attention is present
+(spatial blocks of the text-to-video model). Fused ops come through `self.kernels` (the kernels seam)."""
+import torch
+from torch import nn
+
+from ristretto.kernels.registry import TORCH_KERNELS
+
+from .attention import CrossAttention, Mlp, SelfAttention
+
+
+class LatteBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, modulation: nn.Module,
+                 cross_attention: bool, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.modulation = modulation  # -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D)
+        self.attn = SelfAttention(hidden_size, num_heads)
+        self.cross_attn = CrossAttention(hidden_size, num_heads) if cross_attention else None
+        self.mlp = Mlp(hidden_size, mlp_ratio)
+        self.kernels = TORCH_KERNELS
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (N, S, D) in the spatial or temporal layout; cond: (B, .) with N a multiple of B.
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(cond)  # each (B, D)
+        ops = self.kernels
+        attn_out = self.attn(ops.layernorm_modulate(x, shift_msa, scale_msa, self.eps))  # (N, S, D)
+        if self.cross_attn is None:
+            x, h = ops.gate_residual_layernorm_modulate(x, gate_msa, attn_out, shift_mlp, scale_mlp, self.eps)
+        else:
+            x = ops.gate_residual(x, gate_msa, attn_out)
+            x = x + self.cross_attn(x, context, context_mask)  # PixArt: no norm, no gate before cross-attention
+            h = ops.layernorm_modulate(x, shift_mlp, scale_mlp, self.eps)
+        return ops.gate_residual(x, gate_mlp, self.mlp(h))  # (N, S, D)
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then a linear to p*p*C_out features per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, modulation: nn.Module, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.modulation = modulation  # -> shift, scale, each (B, D)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.kernels = TORCH_KERNELS
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(cond)
+        return self.linear(self.kernels.layernorm_modulate(x, shift, scale, self.eps))
