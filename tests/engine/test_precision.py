@@ -1,0 +1,304 @@
+"""Precision converters: which linears go to FP8, autocast behaviour, error messages, plain checkpoints."""
+import contextlib
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from ristretto.engine import precision as prec
+from ristretto.engine.precision import apply_precision, fp8_linear_filter, load_plain_state_dict, plain_state_dict
+
+DIM = 64
+
+
+class ToyBlock(nn.Module):
+    """Shaped like a Latte block: attention and MLP linears (FP8), an odd 72-wide pair, a tiny one, adaLN."""
+
+    def __init__(self):
+        super().__init__()
+        self.adaLN_modulation = nn.Linear(DIM, 2 * DIM)                                # per-sample GEMM: stays
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)   # FP8
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(DIM, 4 * DIM), nn.Linear(4 * DIM, DIM)  # FP8
+        self.odd_in, self.odd_out = nn.Linear(DIM, 72), nn.Linear(72, DIM)             # 72 % 16 != 0: stays
+        self.tiny = nn.Linear(DIM, 32, bias=False)                                     # < FP8_MIN_DIM: stays
+
+    def forward(self, x, c):                                                 # x (B, S, D), c (B, D)
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)   # (B, 1, D) each
+        h = x * (1 + scale) + shift
+        q, k, v = self.attn.qkv(h).chunk(3, dim=-1)
+        x = x + self.attn.proj(torch.softmax(q @ k.transpose(1, 2) / DIM ** 0.5, dim=-1) @ v)
+        x = x + self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(x)))
+        return x + self.odd_out(self.odd_in(x)) + self.tiny(x).sum(-1, keepdim=True)
+
+
+class ToyModel(nn.Module):
+    def __init__(self, depth=2):
+        super().__init__()
+        self.x_embedder = nn.Linear(16, DIM)
+        self.t_embedder = nn.Sequential(nn.Linear(DIM, DIM), nn.SiLU(), nn.Linear(DIM, DIM))
+        self.blocks = nn.ModuleList(ToyBlock() for _ in range(depth))
+        self.proj_out = nn.Linear(DIM, DIM)
+
+    def forward(self, x, t):                                                 # x (B, S, 16), t (B, D)
+        x, c = self.x_embedder(x), self.t_embedder(t)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.proj_out(x)
+
+
+FP8_NAMES = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+
+
+def toy_model(seed=0):
+    torch.manual_seed(seed)
+    return ToyModel()
+
+
+def toy_batch(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 16, 16, generator=gen), torch.randn(4, DIM, generator=gen)
+
+
+@pytest.fixture
+def any_device_fp8(monkeypatch):
+    """Lets FP8 conversion run on CPU: the capability check is what stands between a CPU and FP8."""
+    monkeypatch.setattr(prec, "check_fp8_device", lambda device, precision, recipe: None)
+
+
+# ---- fake Transformer Engine: te.Linear with _extra_state, fp8_autocast recording its recipe ----
+
+class FakeTELinear(nn.Linear):
+    def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
+        super().__init__(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
+
+    def get_extra_state(self):
+        return torch.tensor([1.0])  # stands in for TE's FP8 scaling metadata
+
+    def set_extra_state(self, state):
+        pass
+
+
+@pytest.fixture
+def fake_te(monkeypatch):
+    entered = []
+
+    @contextlib.contextmanager
+    def fp8_autocast(enabled, fp8_recipe):
+        entered.append((enabled, fp8_recipe))
+        yield
+
+    recipes = types.ModuleType("transformer_engine.common.recipe")
+    for cls in ("DelayedScaling", "Float8CurrentScaling", "Float8BlockScaling", "MXFP8BlockScaling"):
+        setattr(recipes, cls, type(cls, (), {}))
+    te = types.ModuleType("transformer_engine.pytorch")
+    te.Linear, te.fp8_autocast, te.entered = FakeTELinear, fp8_autocast, entered
+    for name, module in [("transformer_engine", types.ModuleType("transformer_engine")),
+                         ("transformer_engine.pytorch", te), ("transformer_engine.common", types.ModuleType("c")),
+                         ("transformer_engine.common.recipe", recipes)]:
+        monkeypatch.setitem(sys.modules, name, module)
+    return te
+
+
+# ---- the filter ----
+
+def test_filter_picks_only_block_linears_with_fp8_shapes():
+    assert prec.fp8_linear_names(toy_model()) == FP8_NAMES
+
+
+@pytest.mark.parametrize("name, module, expected", [
+    ("blocks.3.attn.qkv", nn.Linear(1152, 3456), True),
+    ("blocks.3.attn.qkv", nn.Linear(72, 64), False),           # not divisible by 16
+    ("blocks.3.mlp.fc1", nn.Linear(48, 64), False),            # too small
+    ("blocks.3.adaLN_modulation.1", nn.Linear(1152, 6912), False),
+    ("proj_out", nn.Linear(1152, 1152), False),                 # final projection
+    ("t_embedder.mlp.0", nn.Linear(256, 1152), False),          # timestep MLP
+    ("caption_projection.linear_1", nn.Linear(4096, 1152), False),
+    ("blocks.3.norm1", nn.LayerNorm(1152), False),
+])
+def test_filter_rules(name, module, expected):
+    assert fp8_linear_filter(name, module) is expected
+
+
+# ---- fp32 / bf16 ----
+
+def test_fp32_is_a_null_context():
+    model = toy_model()
+    precision = apply_precision(model, "fp32")
+    assert precision.converted == [] and isinstance(precision.autocast(), contextlib.nullcontext)
+    with precision.autocast():
+        assert model(*toy_batch()).dtype == torch.float32
+
+
+def test_bf16_autocasts_the_forward_and_keeps_fp32_weights():
+    model = toy_model()
+    precision = apply_precision(model, "bf16", "default")
+    assert (precision.name, precision.device_type, precision.converted) == ("bf16", "cpu", [])
+    with precision.autocast():
+        out = model(*toy_batch())
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert not torch.is_autocast_enabled("cpu")  # the context closes
+
+
+# ---- errors: one line naming the field and the choices ----
+
+@pytest.mark.parametrize("precision, recipe, pattern", [
+    ("fp16", "default", r"^train.precision: unknown precision 'fp16'; expected one of \('fp32', 'bf16', 'fp8-te'"),
+    ("fp8-te", "hybrid", r"^train.fp8_recipe: unknown recipe 'hybrid'; expected one of \('default', 'delayed'"),
+    ("fp8-ao", "delayed", r"^train.fp8_recipe: 'delayed' is not a recipe of train.precision='fp8-ao'; "
+                          r"expected one of \('default', 'tensorwise', 'rowwise'\)"),
+    ("fp8-te", "rowwise", r"^train.fp8_recipe: 'rowwise' is not a recipe of train.precision='fp8-te'"),
+])
+def test_bad_names_are_one_line(precision, recipe, pattern):
+    with pytest.raises(ValueError, match=pattern) as error:
+        apply_precision(toy_model(), precision, recipe)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+@pytest.mark.parametrize("precision", ["fp8-te", "fp8-ao"])
+def test_fp8_without_gpu_names_bf16(precision):
+    with pytest.raises(RuntimeError, match=r"FP8 needs an Ada/Hopper GPU \(sm_89\+\), found no CUDA device.*"
+                                           r"use train.precision='bf16'"):
+        apply_precision(toy_model(), precision)
+
+
+@pytest.mark.parametrize("capability, recipe, pattern", [
+    ((8, 6), "delayed", r"FP8 needs an Ada/Hopper GPU \(sm_89\+\), found sm_86; use train.precision='bf16'"),
+    ((8, 9), "block", r"train.fp8_recipe='block' needs a Hopper \(sm_90\) GPU, found sm_89"),
+    ((9, 0), "mxfp8", r"train.fp8_recipe='mxfp8' needs a Blackwell \(sm_100\) GPU, found sm_90"),
+])
+def test_gpu_capability_checks(monkeypatch, capability, recipe, pattern):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    with pytest.raises(RuntimeError, match=pattern):
+        prec.check_fp8_device(torch.device("cuda"), "fp8-te", recipe)
+
+
+def test_capable_gpu_passes(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    for recipe in ("delayed", "current", "block", "tensorwise", "rowwise"):
+        prec.check_fp8_device(torch.device("cuda"), "fp8-te", recipe)
+
+
+@pytest.mark.parametrize("precision, module, install", [
+    ("fp8-te", "transformer_engine.pytorch", "pip install transformer-engine\\[pytorch\\]"),
+    ("fp8-ao", "torchao.float8", "pip install torchao"),
+])
+def test_missing_backend_names_the_package(monkeypatch, any_device_fp8, precision, module, install):
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=f"^train.precision='{precision}' needs {module}: {install}$") as error:
+        apply_precision(toy_model(), precision)
+    assert error.value.__suppress_context__
+
+
+# ---- fp8-te (fake TE on CPU) ----
+
+@pytest.mark.parametrize("recipe, recipe_class", [("default", "DelayedScaling"), ("current", "Float8CurrentScaling"),
+                                                  ("block", "Float8BlockScaling"), ("mxfp8", "MXFP8BlockScaling")])
+def test_fp8_te_swaps_chosen_linears_and_wraps_forward(fake_te, any_device_fp8, caplog, recipe, recipe_class):
+    model, reference = toy_model(), toy_model()
+    with caplog.at_level("INFO", logger=prec.__name__):
+        precision = apply_precision(model, "fp8-te", recipe)
+    assert precision.converted == FP8_NAMES and "8 linears in FP8: blocks.0.attn.qkv" in caplog.text
+    swapped = [name for name, m in model.named_modules() if isinstance(m, FakeTELinear)]
+    assert swapped == FP8_NAMES
+    with precision.autocast():
+        out = model(*toy_batch())
+        assert torch.is_autocast_enabled("cpu")
+    assert [(enabled, type(r).__name__) for enabled, r in fake_te.entered] == [(True, recipe_class)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(out, reference(*toy_batch()))  # same weights, so the same bf16 forward
+
+
+# ---- checkpoints across precisions ----
+
+def assert_same_state(state, expected):
+    assert list(state) == list(expected)
+    for key in expected:
+        assert type(state[key]) is torch.Tensor, key
+        torch.testing.assert_close(state[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def converted_model(kind, seed):
+    model = toy_model(seed)
+    if kind != "plain":
+        apply_precision(model, kind)
+    return model
+
+
+@pytest.mark.parametrize("source", ["plain", "fp8-te", "fp8-ao"])
+@pytest.mark.parametrize("target", ["plain", "fp8-te", "fp8-ao"])
+def test_checkpoint_round_trip_across_precisions(fake_te, any_device_fp8, source, target):
+    if "fp8-ao" in (source, target):
+        pytest.importorskip("torchao.float8")
+    saved = plain_state_dict(converted_model(source, seed=0))
+    assert_same_state(saved, toy_model(0).state_dict())
+    assert not any(key.endswith("_extra_state") for key in saved)
+    model = converted_model(target, seed=123)
+    load_plain_state_dict(model, saved)
+    assert_same_state(plain_state_dict(model), saved)
+
+
+def test_raw_te_state_dict_loads_into_plain_model(fake_te, any_device_fp8):
+    raw = converted_model("fp8-te", seed=0).state_dict()
+    assert any(key.endswith("._extra_state") for key in raw)  # why plain_state_dict exists
+    model = toy_model(5)
+    load_plain_state_dict(model, raw)
+    assert_same_state(model.state_dict(), toy_model(0).state_dict())
+
+
+def test_mismatched_checkpoint_is_an_error():
+    state = toy_model().state_dict()
+    state.pop("proj_out.bias")
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match=r"missing \['proj_out.bias'\], unexpected \['extra.weight'\]"):
+        load_plain_state_dict(toy_model(), state)
+
+
+# ---- training: FP8 loss tracks bf16 ----
+
+def train_losses(precision_name, recipe="default", device="cpu", steps=6):
+    model = toy_model(0).to(device)
+    precision = apply_precision(model, precision_name, recipe)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, t = (tensor.to(device) for tensor in toy_batch())
+    target = torch.randn(4, 16, DIM, generator=torch.Generator().manual_seed(2)).to(device)
+    losses = []
+    for _ in range(steps):
+        with precision.autocast():
+            out = model(x, t)
+        loss = (out.float() - target).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def assert_tracks_bf16(losses, bf16_losses, rtol=0.05):
+    assert losses[-1] < losses[0], losses
+    for step, (a, b) in enumerate(zip(losses, bf16_losses)):
+        assert abs(a - b) <= rtol * b, f"step {step}: fp8 {a:.4f} vs bf16 {b:.4f}"
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_ao_training_tracks_bf16_on_cpu(any_device_fp8, recipe):
+    pytest.importorskip("torchao.float8")
+    assert_tracks_bf16(train_losses("fp8-ao", recipe), train_losses("bf16"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision_name, recipe", [("fp8-te", "delayed"), ("fp8-te", "current"),
+                                                    ("fp8-te", "block"), ("fp8-te", "mxfp8"),
+                                                    ("fp8-ao", "tensorwise"), ("fp8-ao", "rowwise")])
+def test_gpu_fp8_training_tracks_bf16(precision_name, recipe):
+    pytest.importorskip("transformer_engine.pytorch" if precision_name == "fp8-te" else "torchao.float8")
+    needed = prec.RECIPE_MIN_CAPABILITY.get(recipe, (prec.FP8_MIN_CAPABILITY, ""))[0]
+    if torch.cuda.get_device_capability() < needed:
+        pytest.skip(f"{recipe} needs sm_{needed[0]}{needed[1]}")
+    assert_tracks_bf16(train_losses(precision_name, recipe, "cuda"), train_losses("bf16", device="cuda"))
