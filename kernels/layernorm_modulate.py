@@ -125,6 +125,19 @@ def _interpreted(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cuda"
 
 
+def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A kernel's output buffer. The CPU interpreter (triton 3.9) truncates fp32 -> bf16 instead of rounding to
+    nearest even as the GPU does, so there bf16 outputs are written in fp32 and rounded by torch (`finish_output`)."""
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def finish_output(buffer, dtype: torch.dtype):
+    """The output in `dtype` (a no-op except for the interpreter's fp32 stand-in for bf16)."""
+    return buffer if buffer is None or buffer.dtype == dtype else buffer.to(dtype)
+
+
 def _row_blocks(n_cols: int, interpreted: bool) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_D, num_warps): a whole row per program, several rows when rows are short."""
     if n_cols > MAX_FEATURES:
@@ -173,8 +186,8 @@ def row_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None, normaliz
     out_dtype = out_dtype or x.dtype
     n_rows = n * s
     block_rows, block_d, num_warps = _row_blocks(d, _interpreted(x))
-    residual_out = torch.empty(x.shape, dtype=out_dtype, device=x.device) if gated else None
-    normed = torch.empty(x.shape, dtype=out_dtype, device=x.device) if normalize else None
+    residual_out = empty_output(x.shape, out_dtype, x.device) if gated else None
+    normed = empty_output(x.shape, out_dtype, x.device) if normalize else None
     stats_rows = n_rows if normalize else 0
     mean = torch.empty(stats_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(stats_rows, dtype=torch.float32, device=x.device)
@@ -187,7 +200,7 @@ def row_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None, normaliz
         gate.stride(0), shift.stride(0), scale.stride(0), eps,
         BLOCK_ROWS=block_rows, BLOCK_D=block_d, GATED_RESIDUAL=gated, NORMALIZE=normalize, num_warps=num_warps,
     )
-    return residual_out, normed, mean, rstd
+    return finish_output(residual_out, out_dtype), finish_output(normed, out_dtype), mean, rstd
 
 
 def _sum_partials(partial: torch.Tensor, groups: int) -> torch.Tensor:
@@ -217,8 +230,9 @@ def row_backward(dout=None, x=None, mean=None, rstd=None, scale=None, shift_grou
     partial_dshift = torch.empty(partial_shape, **f32) if normalize else None
     partial_dscale = torch.empty(partial_shape, **f32) if normalize else None
     partial_dgate = torch.empty(partial_shape, **f32) if gated else None
-    dx = torch.empty(like.shape, dtype=dx_dtype or like.dtype, device=like.device) if normalize else None
-    dy = torch.empty(like.shape, dtype=dy_dtype or like.dtype, device=like.device) if gated else None
+    dx_dtype, dy_dtype = dx_dtype or like.dtype, dy_dtype or like.dtype
+    dx = empty_output(like.shape, dx_dtype, like.device) if normalize else None
+    dy = empty_output(like.shape, dy_dtype, like.device) if gated else None
     gate_or_dummy = gate if gated else like[0, :1]
     scale_or_dummy = scale if normalize else like[0, :1]
     dummy = like  # never read or written: its flag is off
@@ -237,7 +251,7 @@ def row_backward(dout=None, x=None, mean=None, rstd=None, scale=None, shift_grou
     dshift = _sum_partials(partial_dshift, shift_groups) if normalize else None
     dscale = _sum_partials(partial_dscale, scale.shape[0]) if normalize else None
     dgate = _sum_partials(partial_dgate, gate.shape[0]) if gated else None
-    return dx, dshift, dscale, dy, dgate
+    return finish_output(dx, dx_dtype), dshift, dscale, finish_output(dy, dy_dtype), dgate
 
 
 # ---------------------------------------------------------------------------------------------- autograd

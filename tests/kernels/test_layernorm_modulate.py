@@ -1,0 +1,117 @@
+"""Triton layernorm_modulate vs the torch reference: forward and every gradient (flash-attention's error rule)."""
+import pytest
+import torch
+
+from ristretto.kernels import reference
+from ristretto.kernels.layernorm_modulate import layernorm_modulate
+
+# (dtype, atol): fp32 must be tight; low precision passes when err <= 2 * (reference's own low-precision err) + atol
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-3), (torch.float16, 1e-4)]
+
+
+def outputs_and_grads(fn, inputs, douts, upcast=False, **kwargs):
+    """Run fn on fresh leaves (fp64 leaves when upcast, so reference grads are not rounded) -> outputs + grads."""
+    leaves = [t.detach().clone().double() if upcast else t.detach().clone() for t in inputs]
+    for leaf, source in zip(leaves, inputs):
+        leaf.requires_grad_(source.requires_grad)
+    outs = fn(*leaves, **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grad_leaves = [leaf for leaf in leaves if leaf.requires_grad]
+    douts = [d.double() if upcast else d for d in douts]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, grad_leaves, douts))
+
+
+def assert_matches_reference(kernel_fn, reference_fn, inputs, atol, douts=None):
+    """x (kernel), x_pt (reference, same precision), x_ref (reference in fp64): max|x - x_ref| <= 2 max|x_pt - x_ref| + atol."""
+    if douts is None:
+        outs = reference_fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        douts = [torch.randn_like(o) for o in outs]
+    got = outputs_and_grads(kernel_fn, inputs, douts)
+    same_precision = outputs_and_grads(reference_fn, inputs, douts)
+    exact = outputs_and_grads(reference_fn, inputs, douts, upcast=True)
+    for i, (x, x_pt, x_ref) in enumerate(zip(got, same_precision, exact)):
+        assert x.shape == x_ref.shape and x.dtype == x_pt.dtype, f"tensor {i}: {x.shape}/{x.dtype} vs {x_pt.shape}/{x_pt.dtype}"
+        err = (x.double() - x_ref).abs().max().item()
+        err_pt = (x_pt.double() - x_ref).abs().max().item()
+        assert err <= 2 * err_pt + atol, f"tensor {i} (outputs first, then grads): err {err:.3g} vs reference's {err_pt:.3g}"
+
+
+def make_inputs(n, s, d, groups, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    # an offset mean checks that the variance is computed around the mean
+    x = (torch.randn(n, s, d, generator=gen) * 2 + 0.5).to(device=device, dtype=dtype).requires_grad_()
+    return x, randn(groups, d, scale=0.5), randn(groups, d, scale=0.5)
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "n,s,d,groups",
+    [
+        (6, 5, 100, 6),  # M = N: one vector per row (spatial layout, per sample-and-frame)
+        (6, 7, 216, 3),  # M < N: groups of 2 rows (spatial layout, per sample)
+        (4, 3, 1152, 1),  # M = 1, Latte's D
+        (3, 37, 72, 3),  # token count not a multiple of any block
+        (2, 1, 1, 2),  # D = 1: LN of one feature is 0, output = shift
+    ],
+)
+def test_layernorm_modulate_matches_reference(n, s, d, groups, dtype, atol, device):
+    inputs = make_inputs(n, s, d, groups, dtype, device)
+    assert_matches_reference(layernorm_modulate, reference.layernorm_modulate, inputs, atol)
+
+
+def test_layernorm_modulate_distinct_shift_and_scale_groups(device):
+    x, shift, _ = make_inputs(4, 5, 48, 2, torch.float32, device)
+    scale = torch.randn(4, 48, device=device, requires_grad=True)  # per row while shift is per pair of rows
+    assert_matches_reference(layernorm_modulate, reference.layernorm_modulate, (x, shift, scale), 1e-5)
+
+
+def test_non_contiguous_inputs(device):
+    x, shift, scale = make_inputs(5, 6, 40, 5, torch.float32, device)
+    x_t = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # same values, strided
+    adaln = torch.randn(5, 3 * 40, device=device)
+    shift_view, scale_view = adaln[:, :40].requires_grad_(), adaln[:, 80:].requires_grad_()  # chunk()-style views
+    assert not x_t.is_contiguous() and not shift_view.is_contiguous()
+    assert_matches_reference(layernorm_modulate, reference.layernorm_modulate, (x_t, shift_view, scale_view), 1e-5)
+
+
+def test_checker_rejects_a_wrong_group_rule(device):
+    """The comparison must fail for a kernel that broadcasts the vectors the wrong way (row n uses n % M)."""
+    x, shift, scale = make_inputs(4, 3, 32, 2, torch.float32, device)
+
+    def interleaved(x, shift, scale):
+        return layernorm_modulate(x, shift.repeat(2, 1), scale.repeat(2, 1))  # group n % 2 instead of n // 2
+
+    with pytest.raises(AssertionError):
+        assert_matches_reference(interleaved, reference.layernorm_modulate, (x, shift, scale), 1e-5)
+
+
+def test_bad_shapes_name_the_argument(device):
+    x, shift, scale = make_inputs(4, 3, 32, 4, torch.float32, device)
+    with pytest.raises(ValueError, match="shift"):
+        layernorm_modulate(x, shift[:3], scale)
+    with pytest.raises(ValueError, match="scale"):
+        layernorm_modulate(x, shift, scale[:, :16])
+    with pytest.raises(ValueError, match="x"):
+        layernorm_modulate(x[0], shift, scale)
+
+
+def test_output_dtype_follows_x_and_statistics_are_fp32(device):
+    x, shift, scale = make_inputs(2, 64, 256, 2, torch.bfloat16, device)
+    with torch.no_grad():
+        x += 300.0  # a large mean: bf16 statistics would lose the centred signal entirely
+        out = layernorm_modulate(x, shift, scale)
+    assert out.dtype == torch.bfloat16
+    exact = reference.layernorm_modulate(x, shift, scale, upcast=True)
+    assert (out.double() - exact).abs().max().item() < 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+def test_layernorm_modulate_cuda_latte_sizes(dtype, atol):
+    inputs = make_inputs(2 * 16, 256, 1152, 2, dtype, torch.device("cuda"))
+    assert_matches_reference(layernorm_modulate, reference.layernorm_modulate, inputs, atol)
