@@ -43,6 +43,8 @@ def gate_residual_layernorm_modulate(residual, gate, y, shift, scale, eps: float
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     """[N, C, H, W] -> [N, (H/p)*(W/p), C*p*p], each token's features in (C, p, p) order like a Conv2d weight."""
     n, c, h, w = x.shape
+    if h % patch or w % patch:
+        raise ValueError(f"x: H={h} and W={w} must be multiples of patch={patch}")
     x = x.reshape(n, c, h // patch, patch, w // patch, patch)  # (N, C, h, p, w, p)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(n, (h // patch) * (w // patch), c * patch * patch)
 

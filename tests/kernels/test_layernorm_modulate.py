@@ -115,3 +115,14 @@ def test_output_dtype_follows_x_and_statistics_are_fp32(device):
 def test_layernorm_modulate_cuda_latte_sizes(dtype, atol):
     inputs = make_inputs(2 * 16, 256, 1152, 2, dtype, torch.device("cuda"))
     assert_matches_reference(layernorm_modulate, reference.layernorm_modulate, inputs, atol)
+
+
+def test_triton_kernel_set_has_the_reference_signatures():
+    import inspect  # noqa: PLC0415
+
+    from ristretto.kernels.registry import kernel_set  # noqa: PLC0415
+
+    triton_set = kernel_set("triton")
+    for op in ("patch_embed", "layernorm_modulate", "gate_residual", "gate_residual_layernorm_modulate"):
+        expected = [p for name, p in inspect.signature(getattr(reference, op)).parameters.items() if name != "upcast"]
+        assert list(inspect.signature(getattr(triton_set, op)).parameters.values()) == expected, op

@@ -1,0 +1,126 @@
+"""Triton patch_embed vs the torch reference (and nn.Conv2d): forward and the grads of x, weight and bias."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ristretto.kernels import reference
+from ristretto.kernels.patch_embed import patch_embed
+
+# (dtype, atol): fp32 must be tight; low precision passes when err <= 2 * (reference's own low-precision err) + atol
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-3), (torch.float16, 1e-4)]
+
+
+# Same checker as tests/kernels/test_layernorm_modulate.py (test modules cannot import each other under importlib).
+def outputs_and_grads(fn, inputs, douts, upcast=False, **kwargs):
+    """Run fn on fresh leaves (fp64 leaves when upcast, so reference grads are not rounded) -> outputs + grads."""
+    leaves = [t.detach().clone().double() if upcast else t.detach().clone() for t in inputs]
+    for leaf, source in zip(leaves, inputs):
+        leaf.requires_grad_(source.requires_grad)
+    outs = fn(*leaves, **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grad_leaves = [leaf for leaf in leaves if leaf.requires_grad]
+    douts = [d.double() if upcast else d for d in douts]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, grad_leaves, douts))
+
+
+def assert_matches_reference(kernel_fn, reference_fn, inputs, atol, douts=None):
+    """x (kernel), x_pt (reference, same precision), x_ref (reference in fp64): max|x - x_ref| <= 2 max|x_pt - x_ref| + atol."""
+    if douts is None:
+        outs = reference_fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        douts = [torch.randn_like(o) for o in outs]
+    got = outputs_and_grads(kernel_fn, inputs, douts)
+    same_precision = outputs_and_grads(reference_fn, inputs, douts)
+    exact = outputs_and_grads(reference_fn, inputs, douts, upcast=True)
+    for i, (x, x_pt, x_ref) in enumerate(zip(got, same_precision, exact)):
+        assert x.shape == x_ref.shape and x.dtype == x_pt.dtype, f"tensor {i}: {x.shape}/{x.dtype} vs {x_pt.shape}/{x_pt.dtype}"
+        err = (x.double() - x_ref).abs().max().item()
+        err_pt = (x_pt.double() - x_ref).abs().max().item()
+        assert err <= 2 * err_pt + atol, f"tensor {i} (outputs first, then grads): err {err:.3g} vs reference's {err_pt:.3g}"
+
+
+def make_inputs(n, c, h, w, patch, d, dtype, device, with_pos=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, grad=True):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    x = randn(n, c, h, w)
+    weight = randn(d, c, patch, patch, scale=(c * patch * patch) ** -0.5)
+    pos = randn((h // patch) * (w // patch), d, grad=False) if with_pos else None  # a fixed buffer
+    return x, weight, randn(d, scale=0.1), pos
+
+
+def run_patch_embed(kernel):
+    """(x, weight, bias, pos) -> tokens with the patch size bound, so the checker sees tensors only."""
+    return lambda patch: (lambda x, weight, bias, pos=None: kernel(x, weight, bias, pos, patch))
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "n,c,h,w,patch,d,with_pos",
+    [
+        (2, 3, 5, 7, 1, 100, True),  # p = 1: K = 3, padded up to tl.dot's 16
+        (3, 4, 6, 10, 2, 72, True),  # Latte: C = 4, p = 2 -> K = 16; 45 tokens, not a block multiple
+        (2, 3, 8, 12, 4, 216, False),  # p = 4: K = 48; no position table
+        (1, 4, 16, 18, 2, 1152, True),  # Latte's D, 72 tokens -> two row blocks
+    ],
+)
+def test_patch_embed_matches_reference(n, c, h, w, patch, d, with_pos, dtype, atol, device):
+    x, weight, bias, pos = make_inputs(n, c, h, w, patch, d, dtype, device, with_pos)
+    inputs = (x, weight, bias) if pos is None else (x, weight, bias, pos)
+    assert_matches_reference(run_patch_embed(patch_embed)(patch), run_patch_embed(reference.patch_embed)(patch),
+                             inputs, atol)
+
+
+def test_reference_equals_conv2d(device):
+    """The reference's patch order must be Conv2d's, or a checkpoint's weights would embed scrambled patches."""
+    x, weight, bias, pos = make_inputs(2, 4, 8, 6, 2, 32, torch.float64, device)
+    conv = F.conv2d(x, weight, bias, stride=2).flatten(2).transpose(1, 2) + pos
+    torch.testing.assert_close(reference.patch_embed(x, weight, bias, pos, 2), conv)
+
+
+def test_channels_last_input_read_through_strides(device):
+    x, weight, bias, pos = make_inputs(2, 4, 8, 6, 2, 40, torch.float32, device)
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    assert not x_cl.is_contiguous()
+    assert_matches_reference(run_patch_embed(patch_embed)(2), run_patch_embed(reference.patch_embed)(2),
+                             (x_cl, weight, bias, pos), 1e-5)
+
+
+def test_trainable_pos_embed_gets_a_gradient(device):
+    x, weight, bias, pos = make_inputs(2, 3, 4, 4, 2, 24, torch.float32, device)
+    pos = pos.detach().unsqueeze(0).requires_grad_()  # DiT's [1, T, D] parameter layout
+    assert_matches_reference(run_patch_embed(patch_embed)(2), run_patch_embed(reference.patch_embed)(2),
+                             (x, weight, bias, pos), 1e-5)
+
+
+def test_checker_rejects_a_transposed_patch(device):
+    """A kernel reading patches in (C, W, H) order must fail: the comparison can see patch-order bugs."""
+    x, weight, bias, pos = make_inputs(2, 4, 8, 8, 2, 24, torch.float32, device)
+
+    def transposed(x, weight, bias, pos):
+        return patch_embed(x, weight.transpose(2, 3), bias, pos, 2)
+
+    with pytest.raises(AssertionError):
+        assert_matches_reference(transposed, run_patch_embed(reference.patch_embed)(2), (x, weight, bias, pos), 1e-5)
+
+
+def test_bad_shapes_name_the_argument(device):
+    x, weight, bias, pos = make_inputs(1, 4, 8, 8, 2, 24, torch.float32, device)
+    with pytest.raises(ValueError, match="x: H=8 and W=8 must be multiples of patch=3"):
+        patch_embed(x, weight, bias, pos, 3)
+    with pytest.raises(ValueError, match="weight"):
+        patch_embed(x, weight[:, :3], bias, pos, 2)
+    with pytest.raises(ValueError, match="bias"):
+        patch_embed(x, weight, bias[:10], pos, 2)
+    with pytest.raises(ValueError, match="pos_embed"):
+        patch_embed(x, weight, bias, pos[:5], 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+def test_patch_embed_cuda_latte_sizes(dtype, atol):
+    x, weight, bias, pos = make_inputs(2 * 16, 4, 32, 32, 2, 1152, dtype, torch.device("cuda"))
+    assert_matches_reference(run_patch_embed(patch_embed)(2), run_patch_embed(reference.patch_embed)(2),
+                             (x, weight, bias, pos), atol)
