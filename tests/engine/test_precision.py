@@ -123,6 +123,17 @@ def test_filter_rules(name, module, expected):
     assert fp8_linear_filter(name, module) is expected
 
 
+@pytest.mark.parametrize("preset", ["tiny-t2v", "tiny-class"])
+def test_filter_on_the_latte_model(preset):
+    from ristretto.engine.config import PRESETS
+    from ristretto.model.latte import latte_from_config
+
+    model = latte_from_config(PRESETS[preset]().model, frames=2, sample_size=8)
+    names = prec.fp8_linear_names(model)
+    assert names and all(name.startswith("blocks.") and "modulation" not in name for name in names)
+    assert {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"} <= set(names)
+
+
 # ---- fp32 / bf16 ----
 
 def test_fp32_is_a_null_context():
