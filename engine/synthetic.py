@@ -7,11 +7,12 @@ speed from a random start, fully in view.
 The scorer needs no model: it keeps the colourful pixels (chroma = max - min channel, so grey noise and black drop
 out), classifies each by the nearest palette colour after removing its grey part and brightness (so blur, which
 only mixes the object with black, keeps its class), takes the chroma-weighted majority as the colour, tracks that
-colour's centroid over frames, and reads the direction from a least-squares fit of the centroid's path. Shape comes
-from how much of the mask's bounding box it fills (square ~1, circle ~0.79, triangle ~0.5).
+colour's centroid over frames, and reads the direction from a least-squares fit of the centroid's path. Shape: per
+frame, each shape is rendered with the object's area and centroid and the closest fit to its mask gets the vote.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +173,8 @@ class SyntheticClips(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:
             raise IndexError(f"SyntheticClips index {index} out of range [0, {self.size})")
-        generator = torch.Generator().manual_seed(self.seed * 2**32 + index)
+        # torch's CPU generator keeps only a seed's low 32 bits: pack (seed, index) into them, unique below 1e6 items.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**32)
         caption = self._draw_caption(generator)
         video = render_clip(caption, self.frames, self.resolution, generator)
         image_captions = [self._draw_caption(generator) for _ in range(self.num_images)]
@@ -248,24 +250,31 @@ def _direction(weights: np.ndarray) -> str | None:
     return "down" if dy > 0 else "up"
 
 
-_FILL_SQUARE_CIRCLE, _FILL_CIRCLE_TRIANGLE = 0.89, 0.64  # midpoints of the ideal fills 1, pi/4 and 1/2
+# Area of each shape per squared half-size, and how far its centroid sits below its box centre (in half-sizes).
+_AREA_PER_HALF_SQUARED = {"circle": math.pi, "square": 4.0, "triangle": 2.0}
+_CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0}
 
 
 def _shape(weights: np.ndarray, mask: np.ndarray) -> str | None:
-    """Median over frames of the mask's coverage of its bounding box, coverage = chroma relative to the object's peak."""
+    """Majority over frames of the shape whose rendering, matched in area and centroid, best fits the object's mask."""
     peak = np.quantile(weights[mask], 0.9) if mask.any() else 0.0
-    fills = []
-    for frame_weights, frame_mask in zip(weights, mask):
-        solid = frame_weights >= 0.5 * peak
-        if solid.sum() < 3:
+    votes = np.zeros(len(SHAPES))
+    ys, xs = np.arange(weights.shape[1]) + 0.5, np.arange(weights.shape[2]) + 0.5
+    for frame_weights in weights:
+        coverage = np.clip(frame_weights / max(peak, 1e-6), 0.0, 1.0)
+        area = coverage.sum()
+        if area < 2.0:
             continue
-        rows, cols = np.flatnonzero(solid.any(axis=1)), np.flatnonzero(solid.any(axis=0))
-        area = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
-        fills.append(np.clip(frame_weights / peak, 0.0, 1.0).sum() / area)
-    if not fills:
-        return None
-    fill = float(np.median(fills))
-    return "square" if fill >= _FILL_SQUARE_CIRCLE else "circle" if fill >= _FILL_CIRCLE_TRIANGLE else "triangle"
+        cx, cy = (coverage.sum(axis=0) * xs).sum() / area, (coverage.sum(axis=1) * ys).sum() / area
+        errors = []
+        for shape in SHAPES:
+            half = math.sqrt(area / _AREA_PER_HALF_SQUARED[shape])
+            centre_y = torch.tensor([cy - _CENTROID_DROP[shape] * half], dtype=torch.float64)
+            template = _shape_coverage(shape, torch.tensor([cx], dtype=torch.float64), centre_y, half,
+                                       weights.shape[1])[0].numpy()
+            errors.append(np.abs(template - coverage).sum())
+        votes[int(np.argmin(errors))] += 1
+    return SHAPES[int(votes.argmax())] if votes.any() else None
 
 
 def score_against_captions(videos, captions: list[str]) -> dict:
