@@ -4,7 +4,9 @@
     fp32    no autocast.
     bf16    torch.autocast(bfloat16) around the forward; master weights, grads and optimizer state stay fp32.
     fp8-te  bf16 autocast + Transformer Engine: chosen nn.Linear -> te.Linear, forward under te.fp8_autocast(recipe).
-            Recipes (`train.fp8_recipe`): delayed (default), current, block (Hopper), mxfp8 (Blackwell).
+            Recipes (`train.fp8_recipe`): delayed (default), current, block (Hopper, CUDA 12.9+), mxfp8 (Blackwell).
+            TE refuses delayed scaling under torch.compile (use current), and FP8 GEMMs want token counts that
+            are multiples of 16.
     fp8-ao  bf16 autocast + torchao float8 training: chosen nn.Linear -> Float8Linear. Recipes: tensorwise (default),
             rowwise. Dynamic scaling keeps no global state, so there is no extra context; torch.compile is what makes
             torchao's casts fast.
@@ -153,7 +155,14 @@ def convert_to_te(model: nn.Module, recipe: str) -> tuple[list[str], Callable[[]
                 new.bias.copy_(old.bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
-    return names, lambda: te.fp8_autocast(enabled=True, fp8_recipe=te_recipe)
+    return names, te_autocast(te, te_recipe)
+
+
+def te_autocast(te, te_recipe) -> Callable[[], ContextManager]:
+    """TE's FP8 context: newer releases call it te.autocast(recipe=...) and deprecate te.fp8_autocast(fp8_recipe=...)."""
+    if hasattr(te, "autocast"):
+        return lambda: te.autocast(enabled=True, recipe=te_recipe)
+    return lambda: te.fp8_autocast(enabled=True, fp8_recipe=te_recipe)
 
 
 def make_te_recipe(recipe: str):

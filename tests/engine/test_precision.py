@@ -255,6 +255,21 @@ def test_checkpoint_round_trip_across_precisions(fake_te, any_device_fp8, source
     assert_same_state(plain_state_dict(model), saved)
 
 
+def test_newer_te_autocast_is_preferred(fake_te, any_device_fp8):
+    entered = []
+
+    @contextlib.contextmanager
+    def autocast(enabled, recipe):
+        entered.append((enabled, type(recipe).__name__))
+        yield
+
+    fake_te.autocast = autocast  # newer TE: te.autocast(recipe=...), fp8_autocast deprecated
+    precision = apply_precision(toy_model(), "fp8-te", "current")
+    with precision.autocast():
+        pass
+    assert entered == [(True, "Float8CurrentScaling")] and fake_te.entered == []
+
+
 def test_raw_te_state_dict_loads_into_plain_model(fake_te, any_device_fp8):
     raw = converted_model("fp8-te", seed=0).state_dict()
     assert any(key.endswith("._extra_state") for key in raw)  # why plain_state_dict exists
