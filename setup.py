@@ -27,7 +27,7 @@ setup(
         "hub": ["transformers", "sentencepiece", "huggingface_hub"],
         "fp8": ["torchao"],
         "log": ["tensorboard", "wandb"],
-        "dev": ["pytest", "pytest-benchmark", "triton", "av", "transformers", "sentencepiece", "matplotlib",
+        "dev": ["pytest", "pytest-benchmark", "triton", "av", "transformers", "sentencepiece", "matplotlib", "torchao",
                 "tensorboard"],
     },
     entry_points={

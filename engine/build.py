@@ -1,0 +1,72 @@
+"""From a RunConfig to a ready model: build the plain Latte, then apply the seams from outside, in a fixed order
+(torchtitan-style): kernels -> attention backend -> [EMA copy] -> precision (FP8 converters) -> activation
+checkpointing -> compile. The EMA copy is taken before the converters so it stays plain weights."""
+import logging
+
+import torch
+from torch import nn
+
+from ristretto.kernels.attention import attention_backend
+from ristretto.kernels.registry import kernel_set
+from ristretto.model.latte import Latte, latte_from_config
+
+from .checkpointing import apply_activation_checkpointing
+from .ema import EMA
+from .precision import Precision, apply_precision
+
+log = logging.getLogger(__name__)
+
+
+def apply_kernels(model: nn.Module, name: str) -> None:
+    """Bind every module's fused ops (`kernels` attribute) to the Triton kernels or the torch reference."""
+    kernels = kernel_set(name)
+    for module in model.modules():
+        if hasattr(module, "kernels"):
+            module.kernels = kernels
+
+
+def apply_attention_backend(model: nn.Module, name: str) -> None:
+    """Point every attention module at the chosen backend's attention function."""
+    attention_fn = attention_backend(name)
+    for module in model.modules():
+        if hasattr(module, "attention_fn"):
+            module.attention_fn = attention_fn
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: cuda was asked for but no CUDA GPU is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def latent_geometry(config) -> tuple[int, int]:
+    """(channels, size) of the latents the model sees: pixels for vae=identity, else the SD VAE's 8x downsampling."""
+    if config.model.vae == "identity":
+        return config.model.in_channels, config.data.resolution
+    return config.model.in_channels, config.data.resolution // 8
+
+
+def build_plain_model(config) -> Latte:
+    """The Latte model the config describes, on CPU in fp32, with the seams (kernels, attention) applied."""
+    _, sample_size = latent_geometry(config)
+    model = latte_from_config(config.model, config.data.frames, sample_size)
+    apply_kernels(model, config.model.kernels)
+    apply_attention_backend(model, config.model.attention_backend)
+    return model
+
+
+def build_training_model(config, device: torch.device) -> tuple[nn.Module, EMA | None, Precision]:
+    """Model on `device` with every seam applied, its EMA (None when train.ema_decay = 0) and the precision plan."""
+    model = build_plain_model(config).to(device)
+    train = config.train
+    ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
+    precision = apply_precision(model, train.precision, train.fp8_recipe)
+    wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every)
+    if wrapped:
+        log.info("activation checkpointing %s: %d modules recompute in backward", train.checkpointing, wrapped)
+    if train.compile:
+        for block in model.blocks:
+            block.compile()
+    return model, ema, precision

@@ -1,0 +1,47 @@
+"""Activation checkpointing, applied to a built model from outside (the model has no checkpoint flag).
+
+Modes: none | full (every block) | every-k (every k-th block) | selective-mlp (keep attention outputs, recompute each
+MLP) | selective-attention (keep MLP activations, recompute attention). The wrapped module stays in place (its
+forward is replaced on the instance), so parameter names and state dicts are unchanged.
+"""
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+CHECKPOINTING_MODES = ("none", "full", "every-k", "selective-mlp", "selective-attention")
+
+
+def checkpoint_module(module: nn.Module) -> None:
+    """Recompute `module`'s forward during backward instead of saving its activations."""
+    forward = module.forward
+
+    def checkpointed_forward(*args, **kwargs):
+        if not torch.is_grad_enabled():  # sampling: nothing to save, nothing to recompute
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    module.forward = checkpointed_forward
+
+
+def modules_to_checkpoint(model: nn.Module, mode: str, every: int = 2) -> list[nn.Module]:
+    """The modules `mode` recomputes: whole blocks, or the MLP / attention parts of every block."""
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"train.checkpointing: got {mode!r}; expected one of {', '.join(CHECKPOINTING_MODES)}")
+    blocks = list(model.blocks)
+    if mode == "full":
+        return blocks
+    if mode == "every-k":
+        return blocks[::every]
+    if mode == "selective-mlp":
+        return [block.mlp for block in blocks]
+    if mode == "selective-attention":
+        return [part for block in blocks for part in (block.attn, block.cross_attn) if part is not None]
+    return []
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> int:
+    """Wrap the modules `mode` names; returns how many were wrapped."""
+    modules = modules_to_checkpoint(model, mode, every)
+    for module in modules:
+        checkpoint_module(module)
+    return len(modules)

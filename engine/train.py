@@ -1,0 +1,262 @@
+"""The training loop, in plain sight (nanoGPT is the model).
+
+One optimizer step = `grad_accum` micro-batches, each with loss / grad_accum so the update equals one batch of
+batch_size * grad_accum; clipping, the optimizer step, the LR schedule, EMA and the step counter happen once per
+optimizer step. All per-sample randomness (timestep, noise, caption dropout) is drawn from generators keyed by the
+sample's global index, so how a batch is split into micro-batches (or resumed) never changes what a sample sees.
+"""
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .build import build_training_model, latent_geometry, resolve_device
+from .config import config_to_dict
+from .datasets import build_dataset, build_loader
+from .diffusion import Diffusion
+from .metrics import MetricsLog
+from .sample import sample_videos, validation_prompts, write_samples
+from .sampler import ResumableSampler
+from .text_encoder import build_text_encoder
+from .vae import build_vae
+from .weights import save_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoders:
+    """What turns a data batch into model inputs; None where the batch already carries the encoded form."""
+    vae: object
+    text_encoder: object | None
+    null_caption: tuple[torch.Tensor, torch.Tensor] | None  # (embeddings [L, D], mask [L]) of ""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # samples consumed (all ranks), the key of per-sample randomness
+    bad_steps_in_row: int = 0
+    bad_steps_total: int = 0
+    history: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- per-sample randomness
+
+def sample_generator(seed: int, sample_index: int, purpose: str) -> torch.Generator:
+    """A generator owned by one (seed, sample, purpose): reproducible however batches are split or resumed."""
+    digest = hashlib.blake2b(f"{seed}:{sample_index}:{purpose}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def draw_timesteps_and_noise(shape, first_index: int, seed: int, num_timesteps: int):
+    """Per-sample timesteps [B] and noise [B, ...] for samples first_index .. first_index + B - 1."""
+    timesteps, noise = [], []
+    for row in range(shape[0]):
+        generator = sample_generator(seed, first_index + row, "diffusion")
+        timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+        noise.append(torch.randn(shape[1:], generator=generator))
+    return torch.cat(timesteps), torch.stack(noise)
+
+
+def caption_dropout_mask(batch_size: int, first_index: int, seed: int, probability: float) -> torch.Tensor:
+    """bool [B]: which samples train unconditionally (their caption or class replaced by the null one)."""
+    draws = [torch.rand(1, generator=sample_generator(seed, first_index + row, "cfg")) for row in range(batch_size)]
+    return torch.cat(draws) < probability
+
+
+# ------------------------------------------------------------------------------------------------ batch -> inputs
+
+def encode_batch(batch: dict, encoders: Encoders, config, device) -> tuple[torch.Tensor, dict]:
+    """A data batch -> (latents [B, F+I, C, h, w], model conditions) on `device`."""
+    latents = batch["latents"] if "latents" in batch else encoders.vae.encode(batch["video"].to(device))
+    latents = latents.to(device, torch.float32)
+    if config.model.kind == "class":
+        return latents, {"label": batch["label"].to(device)}
+    if "caption_embeds" in batch:
+        conditions = {"caption": batch["caption_embeds"].float(), "caption_mask": batch["caption_mask"]}
+    else:
+        embeddings, mask = encoders.text_encoder(batch["caption"])
+        conditions = {"caption": embeddings, "caption_mask": mask}
+    if config.data.num_images:
+        if "image_caption_embeds" in batch:
+            conditions["image_caption"] = batch["image_caption_embeds"].float()
+            conditions["image_caption_mask"] = batch["image_caption_mask"]
+        else:
+            flat = [caption for captions in batch["image_captions"] for caption in captions]
+            embeddings, mask = encoders.text_encoder(flat)
+            conditions["image_caption"] = embeddings.unflatten(0, (latents.shape[0], -1))
+            conditions["image_caption_mask"] = mask.unflatten(0, (latents.shape[0], -1))
+    return latents, {k: v.to(device) for k, v in conditions.items()}
+
+
+def drop_conditions(conditions: dict, drop: torch.Tensor, encoders: Encoders, config) -> dict:
+    """Classifier-free guidance training: replace the dropped samples' captions (or classes) by the null one."""
+    drop = drop.to(next(iter(conditions.values())).device)
+    if config.model.kind == "class":
+        return {"label": torch.where(drop, config.model.num_classes, conditions["label"])}
+    null_embedding, null_mask = (t.to(drop.device) for t in encoders.null_caption)
+    dropped = dict(conditions)
+    dropped["caption"] = torch.where(drop[:, None, None], null_embedding, conditions["caption"])
+    dropped["caption_mask"] = torch.where(drop[:, None], null_mask, conditions["caption_mask"])
+    if "image_caption" in conditions:
+        dropped["image_caption"] = torch.where(drop[:, None, None, None], null_embedding, conditions["image_caption"])
+        dropped["image_caption_mask"] = torch.where(drop[:, None, None], null_mask, conditions["image_caption_mask"])
+    return dropped
+
+
+# --------------------------------------------------------------------------------------------------------- steps
+
+def micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config) -> torch.Tensor:
+    """Mean diffusion loss of one micro-batch (per-sample noise, timesteps and caption dropout already keyed)."""
+    timesteps, noise = draw_timesteps_and_noise(latents.shape, first_index, config.train.seed,
+                                                diffusion.num_timesteps)
+    timesteps, noise = timesteps.to(latents.device), noise.to(latents.device)
+    x_t = diffusion.add_noise(latents, noise, timesteps)
+    with precision.autocast():
+        output = model(x_t, timesteps, num_images=config.data.num_images, **conditions)
+    return diffusion.training_loss(output.float(), latents, noise, x_t, timesteps).mean()
+
+
+def lr_factor(step: int, train) -> float:
+    """Linear warmup, then constant or cosine decay to zero at max_steps."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.lr_schedule == "cosine":
+        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def build_optimizer(model, train):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas),
+                                  weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
+    return optimizer, scheduler
+
+
+def optimizer_step(model, optimizer, scheduler, ema, state: TrainState, train) -> tuple[float, bool]:
+    """Clip, step, schedule, EMA — once per optimizer step. A non-finite gradient skips the step (nothing changes)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else float("inf"))
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model, state.step)
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), finite
+
+
+# ----------------------------------------------------------------------------------------------------- the run
+
+def build_encoders(config, dataset, device) -> Encoders:
+    """VAE and text encoder, loaded only when the data is not already encoded (kind=cached loads neither)."""
+    cached = config.data.kind == "cached"
+    vae = build_vae(config.model, device) if not cached else None
+    text_encoder = None
+    if config.model.kind == "t2v" and (not cached or getattr(dataset, "null_caption", None) is None):
+        text_encoder = build_text_encoder(config.model, device)
+    null = getattr(dataset, "null_caption", None)
+    if null is None and text_encoder is not None:
+        embeddings, mask = text_encoder([""])
+        null = (embeddings[0], mask[0])
+    return Encoders(vae, text_encoder, null)
+
+
+def write_validation_samples(run_dir: Path, step: int, config, sampling_model, encoders, diffusion, precision,
+                             dataset, device, metrics: MetricsLog | None = None) -> Path:
+    prompts, titles = validation_prompts(config, dataset)
+    vae = encoders.vae if encoders.vae is not None else build_vae(config.model, device)
+    text_encoder = encoders.text_encoder or (build_text_encoder(config.model, device)
+                                             if config.model.kind == "t2v" else None)
+    videos = sample_videos(config, sampling_model, vae, text_encoder, diffusion, prompts, device,
+                           autocast=precision.autocast).cpu()
+    out_dir = run_dir / "samples" / f"step_{step}"
+    write_samples(out_dir, videos, titles, config.sample.fps)
+    if metrics is not None:
+        metrics.videos(step, videos, titles, config.sample.fps)
+    return out_dir
+
+
+def train(config, run_dir: Path) -> TrainState:
+    """Train `config` into `run_dir` (config.json, metrics.jsonl, samples/, weights/)."""
+    torch.manual_seed(config.train.seed)
+    device = resolve_device(config.train.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+    train_cfg = config.train
+    dataset = build_dataset(config)
+    sampler = ResumableSampler(len(dataset), seed=train_cfg.seed)
+    loader = build_loader(dataset, train_cfg.batch_size, sampler, config.data.num_workers, device)
+    encoders = build_encoders(config, dataset, device)
+    diffusion = Diffusion(config.diffusion)
+    model, ema, precision = build_training_model(config, device)
+    optimizer, scheduler = build_optimizer(model, train_cfg)
+    metrics = MetricsLog(run_dir, config.log, config_to_dict(config))
+    log.info("model: %.2fM parameters; run dir %s", sum(p.numel() for p in model.parameters()) / 1e6, run_dir)
+
+    state = TrainState()
+    batches = iter(loader)
+    _, frames_tokens = latent_geometry(config)
+    tokens_per_sample = (config.data.frames + config.data.num_images) * (frames_tokens // config.model.patch_size) ** 2
+    samples_per_step = train_cfg.batch_size * train_cfg.grad_accum
+    progress = tqdm(total=train_cfg.max_steps, desc="train", unit="step", dynamic_ncols=True)
+    window_start, window_steps = time.perf_counter(), 0
+    model.train()
+    while state.step < train_cfg.max_steps:
+        loss_sum = 0.0
+        for micro in range(train_cfg.grad_accum):
+            latents, conditions = encode_batch(next(batches), encoders, config, device)
+            first_index = state.samples_seen + micro * train_cfg.batch_size
+            drop = caption_dropout_mask(latents.shape[0], first_index, train_cfg.seed, train_cfg.cfg_dropout)
+            conditions = drop_conditions(conditions, drop, encoders, config)
+            loss = micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config)
+            (loss / train_cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        grad_norm, finite = optimizer_step(model, optimizer, scheduler, ema, state, train_cfg)
+        state.samples_seen += samples_per_step
+        if not finite or not math.isfinite(loss_sum):
+            state.bad_steps_in_row += 1
+            state.bad_steps_total += 1
+            log.warning("step %d: non-finite loss or gradient; optimizer step skipped", state.step)
+            if state.bad_steps_in_row >= train_cfg.max_bad_steps:
+                raise FloatingPointError(f"{state.bad_steps_in_row} optimizer steps in a row had a NaN/inf loss or "
+                                         f"gradient; stopping (train.max_bad_steps={train_cfg.max_bad_steps})")
+            continue
+        state.bad_steps_in_row = 0
+        state.step += 1
+        window_steps += 1
+        progress.update(1)
+        loss_value = loss_sum / train_cfg.grad_accum
+        if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            samples_per_s = window_steps * samples_per_step / elapsed
+            record = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
+                      "bad_steps": state.bad_steps_total}
+            if device.type == "cuda":
+                record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            metrics.write(record)
+            progress.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples_per_s:.1f}")
+            window_start, window_steps = time.perf_counter(), 0
+        if train_cfg.sample_every and state.step % train_cfg.sample_every == 0 and state.step < train_cfg.max_steps:
+            write_validation_samples(run_dir, state.step, config, ema.model if ema else model, encoders, diffusion,
+                                     precision, dataset, device, metrics)
+            model.train()
+    progress.close()
+    sampling_model = ema.model if ema else model
+    save_weights(run_dir / "weights", model, ema)
+    out_dir = write_validation_samples(run_dir, state.step, config, sampling_model, encoders, diffusion, precision,
+                                       dataset, device, metrics)
+    metrics.close()
+    log.info("done: %d steps; samples in %s", state.step, out_dir)
+    return state
