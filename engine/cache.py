@@ -2,7 +2,7 @@
 
     python -m ristretto.engine.cache --preset latte-t2v-512 --set data.kind=captioned \
         --set data.manifest=clips.csv --out cache/clips
-    python -m ristretto.train --preset latte-t2v-512 --set data.kind=cached --set data.cache_dir=cache/clips
+    ristretto-train --preset latte-t2v-512 --set data.kind=cached --set data.cache_dir=cache/clips
 
 Layout of --out:
   manifest.json            what the cache holds: sizes, shapes, encoders, shards (and "complete" once all are written)
