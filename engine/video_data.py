@@ -142,7 +142,8 @@ def read_clip(entry: ClipEntry, frames: int, stride: int, resolution: int, rng: 
                 raise BadSample(entry.path, "unknown frame rate")
             start = entry.start or 0.0
             end = entry.end if entry.end is not None else _duration(container, stream)
-            available = math.floor((end - start) * rate + 1e-3)
+            # Unknown length: read from the start (no temporal crop); too short shows after decoding.
+            available = math.floor((end - start) * rate + 1e-3) if math.isfinite(end) else span
             if available < span:
                 raise BadSample(entry.path, f"too short: {available} frames in [{start:g}, {end:g}] s, need {span}")
             offset = rng.randint(0, available - span) if rng else (available - span) // 2
