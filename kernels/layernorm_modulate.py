@@ -121,10 +121,6 @@ def _row_bwd_kernel(
 # ---------------------------------------------------------------------------------------------- launchers
 
 
-def _interpreted(tensor: torch.Tensor) -> bool:
-    return tensor.device.type != "cuda"
-
-
 def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A kernel's output buffer. The CPU interpreter (triton 3.9) truncates fp32 -> bf16 instead of rounding to
     nearest even as the GPU does, so there bf16 outputs are written in fp32 and rounded by torch (`finish_output`)."""
@@ -138,13 +134,14 @@ def finish_output(buffer, dtype: torch.dtype):
     return buffer if buffer is None or buffer.dtype == dtype else buffer.to(dtype)
 
 
-def _row_blocks(n_cols: int, interpreted: bool) -> tuple[int, int, int]:
+def _row_blocks(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_D, num_warps): a whole row per program, several rows when rows are short."""
     if n_cols > MAX_FEATURES:
         raise ValueError(f"feature size D={n_cols} exceeds the row kernels' limit of {MAX_FEATURES}")
     block_d = triton.next_power_of_2(n_cols)
-    # the interpreter pays per program, the GPU pays in registers: big tiles on CPU, ~4K elements on GPU
-    block_rows = max(1, (32768 if interpreted else 4096) // block_d)
+    # ~4K elements per tile keeps a row tile in registers; the interpreter uses the same tiling so that CPU tests
+    # walk the same multi-tile loops as the GPU
+    block_rows = max(1, 4096 // block_d)
     elements = block_rows * block_d
     num_warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16
     return block_rows, block_d, num_warps
@@ -185,7 +182,7 @@ def row_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None, normaliz
     gated = gate is not None
     out_dtype = out_dtype or x.dtype
     n_rows = n * s
-    block_rows, block_d, num_warps = _row_blocks(d, _interpreted(x))
+    block_rows, block_d, num_warps = _row_blocks(d)
     residual_out = empty_output(x.shape, out_dtype, x.device) if gated else None
     normed = empty_output(x.shape, out_dtype, x.device) if normalize else None
     stats_rows = n_rows if normalize else 0
@@ -223,7 +220,7 @@ def row_backward(dout=None, x=None, mean=None, rstd=None, scale=None, shift_grou
     vector_groups = [v.shape[0] for v in (scale, gate) if v is not None] + ([shift_groups] if shift_groups else [])
     groups = math.lcm(*vector_groups)  # the finest grouping; divides N because every vector's M does
     rows_per_group = n * s // groups
-    block_rows, block_d, num_warps = _row_blocks(d, _interpreted(like))
+    block_rows, block_d, num_warps = _row_blocks(d)
     programs = _programs_per_group(groups, rows_per_group, block_rows, like.device)
     partial_shape = (groups, programs, d)
     f32 = dict(dtype=torch.float32, device=like.device)

@@ -13,6 +13,7 @@ SHAPES = [  # (N, S, D, gate groups, shift/scale groups)
     (4, 3, 1152, 1, 1),  # M = 1, Latte's D
     (3, 37, 72, 3, 1),  # token count not a multiple of any block; gate and norm vectors grouped differently
     (4, 5, 40, 2, 4),  # finer norm groups than gate groups
+    (2, 333, 64, 1, 2),  # 666 rows: several row tiles per backward program and several programs per group
 ]
 
 

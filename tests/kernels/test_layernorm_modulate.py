@@ -57,6 +57,7 @@ def make_inputs(n, s, d, groups, dtype, device, seed=0):
         (4, 3, 1152, 1),  # M = 1, Latte's D
         (3, 37, 72, 3),  # token count not a multiple of any block
         (2, 1, 1, 2),  # D = 1: LN of one feature is 0, output = shift
+        (2, 333, 64, 1),  # 666 rows: several row tiles per backward program and several programs per group
     ],
 )
 def test_layernorm_modulate_matches_reference(n, s, d, groups, dtype, atol, device):

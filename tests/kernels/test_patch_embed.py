@@ -64,6 +64,8 @@ def run_patch_embed(kernel):
         (3, 4, 6, 10, 2, 72, True),  # Latte: C = 4, p = 2 -> K = 16; 45 tokens, not a block multiple
         (2, 3, 8, 12, 4, 216, False),  # p = 4: K = 48; no position table
         (1, 4, 16, 18, 2, 1152, True),  # Latte's D, 72 tokens -> two row blocks
+        (2, 4, 20, 20, 2, 16, True),  # 200 rows: the weight grad splits rows over programs, each looping tiles
+        (1, 8, 8, 8, 4, 40, True),  # K = 128: two K blocks (the bias grad must come from one of them only)
     ],
 )
 def test_patch_embed_matches_reference(n, c, h, w, patch, d, with_pos, dtype, atol, device):
