@@ -43,6 +43,9 @@ CHECKED_FIELDS = (("frames", "data.frames"), ("num_images", "data.num_images"), 
                   ("vae_scaling_factor", "model.vae_scaling_factor"), ("text_encoder", "model.text_encoder"))
 
 
+NULL_CAPTION = "null_caption.safetensors"
+
+
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
@@ -66,6 +69,7 @@ class CachedLatents(Dataset):
         self.starts = [sum(rows[:i]) for i in range(len(rows))]  # first global row of each shard
         self.size = sum(rows)
         self._shards: dict[int, tuple] = {}  # opened per process on first use (file handles do not pickle)
+        self.null_caption = read_null_caption(self.dir)  # CFG dropout's "" embedding, so T5 need not load
 
     def __len__(self) -> int:
         return self.size
@@ -97,6 +101,25 @@ class CachedLatents(Dataset):
             item.update(image_caption_embeds=read("image_caption_embeds").float(),
                         image_caption_mask=read("image_caption_mask"), image_captions=image_captions[row])
         return item
+
+
+def write_null_caption(out: Path, text_encoder) -> None:
+    """The empty caption's embedding: training replaces dropped captions by it (classifier-free guidance)."""
+    if text_encoder is None:
+        return
+    embeddings, mask = text_encoder([""])
+    temporary = out / f"{NULL_CAPTION}.tmp"
+    save_file({"caption_embeds": embeddings[0].float().contiguous(), "caption_mask": mask[0].contiguous()},
+              str(temporary))
+    temporary.replace(out / NULL_CAPTION)
+
+
+def read_null_caption(cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    path = cache_dir / NULL_CAPTION
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor("caption_embeds"), handle.get_tensor("caption_mask")
 
 
 def read_manifest(cache_dir: Path) -> dict:
@@ -246,6 +269,7 @@ def write_cache(config: RunConfig, out: str | Path, shard_size: int = 256, batch
     _check_text_encoder(text_encoder, config)
     description = describe(config, vae, len(dataset), shard_size)
     _start_manifest(out, description)
+    write_null_caption(out, text_encoder)
     shards, counts = [], {"written": 0, "skipped": 0}
     with tqdm(total=len(dataset), desc=f"caching {out}", unit="clip") as progress:
         for index, first in enumerate(range(0, len(dataset), shard_size)):

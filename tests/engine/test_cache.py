@@ -97,6 +97,8 @@ def test_cache_round_trip_equals_live_encoding(assets, tmp_path):
         embeddings, mask = text_encoder([source["caption"]])
         assert torch.allclose(item["caption_embeds"], embeddings[0], **BF16_TOLERANCE)
         assert torch.equal(item["caption_mask"], mask[0])
+    null_embeddings, null_mask = text_encoder([""])  # CFG dropout trains on "" without loading the text encoder
+    assert torch.allclose(cached.null_caption[0], null_embeddings[0]) and torch.equal(cached.null_caption[1], null_mask[0])
 
     batch = next(iter(build_loader(cached, 2, ResumableSampler(len(cached), seed=0))))
     assert batch["latents"].shape == (2, 4, 4, 8, 8) and batch["caption_embeds"].shape == (2, 8, 16)
