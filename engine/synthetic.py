@@ -119,15 +119,15 @@ def render_clip(caption: str, frames: int, resolution: int, generator: torch.Gen
     speed = resolution / 32 * _uniform(generator, *_SPEED_RANGE)
     travel = min(speed * (frames - 1), room)
     along, across = _uniform(generator, 0, room - travel) + half, _uniform(generator, 0, room) + half
-    steps = torch.arange(frames, dtype=torch.float64) * (travel / max(frames - 1, 1))
+    steps = np.arange(frames) * (travel / max(frames - 1, 1))
     dx, dy = _DIRECTION_VECTORS[direction]
     if dx:  # start at the far side so the path runs the given way
         xs = (along + steps) if dx > 0 else (resolution - along - steps)
-        ys = torch.full_like(xs, across)
+        ys = np.full_like(xs, across)
     else:
         ys = (along + steps) if dy > 0 else (resolution - along - steps)
-        xs = torch.full_like(ys, across)
-    coverage = _shape_coverage(shape, xs, ys, half, resolution)  # [F, H, W] in [0, 1]
+        xs = np.full_like(ys, across)
+    coverage = torch.from_numpy(_shape_coverage(shape, xs, ys, half, resolution))  # [F, H, W] in [0, 1]
     rgb = torch.tensor(dict(COLOURS)[colour], dtype=torch.float32) / 255.0
     return coverage[:, None] * rgb[None, :, None, None] * 2.0 - 1.0
 
@@ -136,19 +136,24 @@ def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64).item()
 
 
-def _shape_coverage(shape: str, xs: torch.Tensor, ys: torch.Tensor, half: float, resolution: int) -> torch.Tensor:
-    """Fraction of each pixel the shape covers, per frame: [F, H, W] float32 (sub-pixel sampling, then averaging)."""
-    grid = (torch.arange(resolution * _SUPERSAMPLE, dtype=torch.float64) + 0.5) / _SUPERSAMPLE
-    u = grid[None, None, :] - xs[:, None, None]  # [F, 1, W*s] offset from the centre
-    v = grid[None, :, None] - ys[:, None, None]  # [F, H*s, 1]
+def _shape_coverage(shape: str, xs: np.ndarray, ys: np.ndarray, half, resolution: int) -> np.ndarray:
+    """Fraction of each pixel the shape covers, per frame: [F, H, W] float32 (sub-pixel sampling, then averaging).
+
+    xs, ys: [F] centres; half: the half-size, one float or [F]. NumPy, single-threaded: the scorer calls this for
+    every frame it reads, and small multi-threaded torch ops stall on the shared CPUs.
+    """
+    grid = (np.arange(resolution * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE
+    u = grid[None, None, :] - np.asarray(xs, np.float64)[:, None, None]  # [F, 1, W*s] offset from the centre
+    v = grid[None, :, None] - np.asarray(ys, np.float64)[:, None, None]  # [F, H*s, 1]
+    half = np.broadcast_to(np.asarray(half, np.float64), u.shape[:1])[:, None, None]
     if shape == "circle":
         inside = u**2 + v**2 <= half**2
     elif shape == "square":
-        inside = (u.abs() <= half) & (v.abs() <= half)
+        inside = (np.abs(u) <= half) & (np.abs(v) <= half)
     else:  # triangle pointing up: apex at (0, -half), base from (-half, half) to (half, half)
-        inside = (v <= half) & (2 * u.abs() <= v + half)
-    pooled = torch.nn.functional.avg_pool2d(inside.float()[:, None], _SUPERSAMPLE)
-    return pooled[:, 0]
+        inside = (v <= half) & (2 * np.abs(u) <= v + half)
+    s = _SUPERSAMPLE
+    return inside.reshape(len(u), resolution, s, resolution, s).mean(axis=(2, 4), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------- dataset
@@ -164,6 +169,8 @@ class SyntheticClips(Dataset):
                  captions: list[str] | None = None, num_images: int = 0):
         self.frames, self.resolution, self.size, self.seed, self.num_images = frames, resolution, size, seed, num_images
         self.captions = list(captions) if captions is not None else split_captions()[0]
+        if not self.captions:
+            raise ValueError("SyntheticClips: no captions to draw from (captions=[])")
         for caption in self.captions:
             parse_caption(caption)  # fail at construction on a caption outside the grammar
 
@@ -241,8 +248,9 @@ def _direction(weights: np.ndarray) -> str | None:
     cx = (weights.sum(axis=1) * xs).sum(axis=1)[shown] / mass[shown]
     cy = (weights.sum(axis=2) * ys).sum(axis=1)[shown] / mass[shown]
     t = np.flatnonzero(shown).astype(np.float64)
-    span = t.max() - t.min()
-    dx, dy = np.polyfit(t, cx, 1)[0] * span, np.polyfit(t, cy, 1)[0] * span
+    centred = t - t.mean()
+    span_per_slope = (t.max() - t.min()) / (centred**2).sum()  # least-squares slope, times the time span
+    dx, dy = (centred * cx).sum() * span_per_slope, (centred * cy).sum() * span_per_slope
     if max(abs(dx), abs(dy)) < 0.5:  # under half a pixel over the clip: no motion to read
         return None
     if abs(dx) >= abs(dy):
@@ -258,23 +266,22 @@ _CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0}
 def _shape(weights: np.ndarray, mask: np.ndarray) -> str | None:
     """Majority over frames of the shape whose rendering, matched in area and centroid, best fits the object's mask."""
     peak = np.quantile(weights[mask], 0.9) if mask.any() else 0.0
-    votes = np.zeros(len(SHAPES))
-    ys, xs = np.arange(weights.shape[1]) + 0.5, np.arange(weights.shape[2]) + 0.5
-    for frame_weights in weights:
-        coverage = np.clip(frame_weights / max(peak, 1e-6), 0.0, 1.0)
-        area = coverage.sum()
-        if area < 2.0:
-            continue
-        cx, cy = (coverage.sum(axis=0) * xs).sum() / area, (coverage.sum(axis=1) * ys).sum() / area
-        errors = []
-        for shape in SHAPES:
-            half = math.sqrt(area / _AREA_PER_HALF_SQUARED[shape])
-            centre_y = torch.tensor([cy - _CENTROID_DROP[shape] * half], dtype=torch.float64)
-            template = _shape_coverage(shape, torch.tensor([cx], dtype=torch.float64), centre_y, half,
-                                       weights.shape[1])[0].numpy()
-            errors.append(np.abs(template - coverage).sum())
-        votes[int(np.argmin(errors))] += 1
-    return SHAPES[int(votes.argmax())] if votes.any() else None
+    coverage = np.clip(weights / max(peak, 1e-6), 0.0, 1.0)  # [F, H, W]
+    area = coverage.sum(axis=(1, 2))
+    coverage, area = coverage[area >= 2.0], area[area >= 2.0]  # frames that show a few pixels of the object
+    if not len(area):
+        return None
+    resolution = weights.shape[1]
+    grid = np.arange(resolution) + 0.5
+    cx = (coverage.sum(axis=1) * grid).sum(axis=1) / area
+    cy = (coverage.sum(axis=2) * grid).sum(axis=1) / area
+    errors = []
+    for shape in SHAPES:
+        half = np.sqrt(area / _AREA_PER_HALF_SQUARED[shape])
+        template = _shape_coverage(shape, cx, cy - _CENTROID_DROP[shape] * half, half, resolution)
+        errors.append(np.abs(template - coverage).sum(axis=(1, 2)))
+    votes = np.bincount(np.argmin(errors, axis=0), minlength=len(SHAPES))
+    return SHAPES[int(votes.argmax())]
 
 
 def score_against_captions(videos, captions: list[str]) -> dict:
