@@ -30,7 +30,8 @@ def _group_offsets(rows, rows_per_group, row_stride, cols):
 def _row_fwd_kernel(
     x_ptr, gate_ptr, y_ptr, residual_out_ptr,  # residual path (gate, y, residual_out used when GATED_RESIDUAL)
     shift_ptr, scale_ptr, out_ptr, mean_ptr, rstd_ptr,  # norm path (used when NORMALIZE)
-    n_rows, n_cols, rows_per_gate, rows_per_shift, rows_per_scale, gate_stride, shift_stride, scale_stride, eps,
+    n_rows, n_cols, rows_per_gate, rows_per_shift, rows_per_scale,  # a row's vector: row // rows_per_<vector>
+    gate_stride, shift_stride, scale_stride, eps,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, GATED_RESIDUAL: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -41,7 +42,8 @@ def _row_fwd_kernel(
 
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if GATED_RESIDUAL:
-        gate = tl.load(gate_ptr + _group_offsets(rows, rows_per_gate, gate_stride, cols), mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptr + _group_offsets(rows, rows_per_gate, gate_stride, cols), mask=mask, other=0.0)
+        gate = gate.to(tl.float32)
         y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x = x + gate * y
         tl.store(residual_out_ptr + offsets, x.to(residual_out_ptr.dtype.element_ty), mask=mask)
@@ -51,8 +53,9 @@ def _row_fwd_kernel(
         rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
         tl.store(mean_ptr + rows, mean, mask=row_mask)
         tl.store(rstd_ptr + rows, rstd, mask=row_mask)
-        shift = tl.load(shift_ptr + _group_offsets(rows, rows_per_shift, shift_stride, cols), mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + _group_offsets(rows, rows_per_scale, scale_stride, cols), mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + _group_offsets(rows, rows_per_shift, shift_stride, cols), mask=mask, other=0.0)
+        scale = tl.load(scale_ptr + _group_offsets(rows, rows_per_scale, scale_stride, cols), mask=mask, other=0.0)
+        shift, scale = shift.to(tl.float32), scale.to(tl.float32)
         out = centered * rstd[:, None] * (1.0 + scale) + shift
         tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -159,9 +162,8 @@ def _programs_per_group(groups: int, rows_per_group: int, block_rows: int, devic
 def check_group_vector(name: str, vector: torch.Tensor, rows: int, features: int) -> torch.Tensor:
     """A per-group [M, D] vector whose M divides `rows`; returned with unit feature stride (rows may be strided)."""
     if vector.dim() != 2 or vector.shape[1] != features or vector.shape[0] == 0 or rows % vector.shape[0]:
-        raise ValueError(
-            f"{name}: expected shape [M, {features}] with M dividing the activations' N={rows}, got {tuple(vector.shape)}"
-        )
+        raise ValueError(f"{name}: expected shape [M, {features}] with M dividing the activations' N={rows}, "
+                         f"got {tuple(vector.shape)}")
     return vector if vector.stride(1) == 1 else vector.contiguous()
 
 
@@ -176,7 +178,7 @@ def check_activation(name: str, tensor: torch.Tensor, shape=None) -> torch.Tenso
 def row_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None, normalize=True, out_dtype=None):
     """Launch the forward row kernel on [N, S, D] activations.
 
-    Returns (residual_out or None, normed or None, mean, rstd); gate/y given -> the row input is x + gate * y.
+    Returns (residual_out, normed, mean, rstd), None where a path is off; gate/y given -> the row input is x + gate * y.
     """
     n, s, d = x.shape
     gated = gate is not None
@@ -185,14 +187,13 @@ def row_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None, normaliz
     block_rows, block_d, num_warps = _row_blocks(d)
     residual_out = empty_output(x.shape, out_dtype, x.device) if gated else None
     normed = empty_output(x.shape, out_dtype, x.device) if normalize else None
-    stats_rows = n_rows if normalize else 0
-    mean = torch.empty(stats_rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(stats_rows, dtype=torch.float32, device=x.device)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device) if normalize else None
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device) if normalize else None
     gate, shift, scale = (v if v is not None else x[0, :1] for v in (gate, shift, scale))  # placeholders if off
     dummy = x  # never read or written: its flag is off
     _row_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
         x, gate, y if gated else dummy, residual_out if gated else dummy,
-        shift, scale, normed if normalize else dummy, mean, rstd,
+        shift, scale, normed if normalize else dummy, mean if normalize else dummy, rstd if normalize else dummy,
         n_rows, d, n_rows // gate.shape[0], n_rows // shift.shape[0], n_rows // scale.shape[0],
         gate.stride(0), shift.stride(0), scale.stride(0), eps,
         BLOCK_ROWS=block_rows, BLOCK_D=block_d, GATED_RESIDUAL=gated, NORMALIZE=normalize, num_warps=num_warps,

@@ -1,4 +1,4 @@
-"""The Triton KernelSet: same signatures as `kernels/reference.py` (without `upcast`), bound by `kernel_set("triton")`."""
+"""The Triton KernelSet: the signatures of `kernels/reference.py` without `upcast`, bound by `kernel_set("triton")`."""
 from .gate_residual import gate_residual, gate_residual_layernorm_modulate
 from .layernorm_modulate import layernorm_modulate
 from .patch_embed import patch_embed

@@ -19,7 +19,7 @@ SHAPES = [  # (N, S, D, gate groups, shift/scale groups)
 
 # Same checker as tests/kernels/test_layernorm_modulate.py (test modules cannot import each other under importlib).
 def outputs_and_grads(fn, inputs, douts, upcast=False, **kwargs):
-    """Run fn on fresh leaves (fp64 leaves when upcast, so reference grads are not rounded) -> outputs + grads."""
+    """Run fn on fresh leaves (fp64 when upcast, so the reference grads are not rounded) -> outputs + grads."""
     leaves = [t.detach().clone().double() if upcast else t.detach().clone() for t in inputs]
     for leaf, source in zip(leaves, inputs):
         leaf.requires_grad_(source.requires_grad)
@@ -31,7 +31,8 @@ def outputs_and_grads(fn, inputs, douts, upcast=False, **kwargs):
 
 
 def assert_matches_reference(kernel_fn, reference_fn, inputs, atol, douts=None):
-    """x (kernel), x_pt (reference, same precision), x_ref (reference in fp64): max|x - x_ref| <= 2 max|x_pt - x_ref| + atol."""
+    """x (kernel), x_pt (reference in the same precision), x_ref (reference in fp64):
+    pass when max|x - x_ref| <= 2 max|x_pt - x_ref| + atol, for every output and every gradient."""
     if douts is None:
         outs = reference_fn(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
@@ -40,10 +41,10 @@ def assert_matches_reference(kernel_fn, reference_fn, inputs, atol, douts=None):
     same_precision = outputs_and_grads(reference_fn, inputs, douts)
     exact = outputs_and_grads(reference_fn, inputs, douts, upcast=True)
     for i, (x, x_pt, x_ref) in enumerate(zip(got, same_precision, exact)):
-        assert x.shape == x_ref.shape and x.dtype == x_pt.dtype, f"tensor {i}: {x.shape}/{x.dtype} vs {x_pt.shape}/{x_pt.dtype}"
+        assert (x.shape, x.dtype) == (x_pt.shape, x_pt.dtype), f"tensor {i}: shape or dtype differs"
         err = (x.double() - x_ref).abs().max().item()
         err_pt = (x_pt.double() - x_ref).abs().max().item()
-        assert err <= 2 * err_pt + atol, f"tensor {i} (outputs first, then grads): err {err:.3g} vs reference's {err_pt:.3g}"
+        assert err <= 2 * err_pt + atol, f"tensor {i} (outputs, then grads): err {err:.3g}, reference's {err_pt:.3g}"
 
 
 def make_inputs(n, s, d, gate_groups, norm_groups, dtype, device, seed=0):
