@@ -121,7 +121,7 @@ def render_clip(caption: str, frames: int, resolution: int, generator: torch.Gen
     along, across = _uniform(generator, 0, room - travel) + half, _uniform(generator, 0, room) + half
     steps = np.arange(frames) * (travel / max(frames - 1, 1))
     dx, dy = _DIRECTION_VECTORS[direction]
-    if dx:  # start at the far side so the path runs the given way
+    if dx:  # `along` is measured from the edge the object moves away from
         xs = (along + steps) if dx > 0 else (resolution - along - steps)
         ys = np.full_like(xs, across)
     else:
