@@ -24,10 +24,10 @@ setup(
     ],
     extras_require={
         "video": ["av"],
-        "hub": ["transformers", "sentencepiece", "huggingface_hub"],
+        "hub": ["transformers", "sentencepiece", "tokenizers", "huggingface_hub"],
         "fp8": ["torchao"],
         "log": ["tensorboard", "wandb"],
-        "dev": ["pytest", "pytest-benchmark", "triton", "av", "transformers", "sentencepiece", "matplotlib", "torchao",
+        "dev": ["pytest", "pytest-benchmark", "triton", "av", "transformers", "sentencepiece", "tokenizers", "matplotlib", "torchao",
                 "tensorboard"],
     },
     entry_points={
