@@ -4,23 +4,34 @@ One optimizer step = `grad_accum` micro-batches, each with loss / grad_accum so 
 batch_size * grad_accum; clipping, the optimizer step, the LR schedule, EMA and the step counter happen once per
 optimizer step. All per-sample randomness (timestep, noise, caption dropout) is drawn from generators keyed by the
 sample's global index, so how a batch is split into micro-batches (or resumed) never changes what a sample sees.
+
+Nothing is lost: a checkpoint (engine/checkpoint.py: weights, optimizer, scheduler, TrainState, RNG states, data
+position) is written every train.ckpt_every steps, at the end, and when SIGINT/SIGTERM arrives; a resumed run logs
+the same losses as one that never stopped. A NaN/inf loss or gradient skips its optimizer step (counted and logged)
+and max_bad_steps of them in a row stop the run without checkpointing the bad state; an out-of-memory error is
+re-raised with the sizes that caused it.
 """
 import hashlib
 import json
 import logging
 import math
+import resource
+import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .build import build_training_model, latent_geometry, resolve_device
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import config_to_dict
 from .datasets import build_dataset, build_loader
 from .diffusion import Diffusion
-from .metrics import MetricsLog
+from .metrics import MetricsLog, truncate_metrics
 from .sample import sample_videos, validation_prompts, write_samples
 from .sampler import ResumableSampler
 from .text_encoder import build_text_encoder
@@ -45,6 +56,7 @@ class TrainState:
     bad_steps_in_row: int = 0
     bad_steps_total: int = 0
     history: list = field(default_factory=list)
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
 
 
 # ------------------------------------------------------------------------------------------- per-sample randomness
@@ -113,6 +125,10 @@ def drop_conditions(conditions: dict, drop: torch.Tensor, encoders: Encoders, co
 
 # --------------------------------------------------------------------------------------------------------- steps
 
+class TrainingFault(RuntimeError):
+    """The run cannot go on (e.g. NaN/inf losses in a row): one clear message, the last good checkpoint kept."""
+
+
 def micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config) -> torch.Tensor:
     """Mean diffusion loss of one micro-batch (per-sample noise, timesteps and caption dropout already keyed)."""
     timesteps, noise = draw_timesteps_and_noise(latents.shape, first_index, config.train.seed,
@@ -122,6 +138,33 @@ def micro_step_loss(model, diffusion, precision, latents, conditions, first_inde
     with precision.autocast():
         output = model(x_t, timesteps, num_images=config.data.num_images, **conditions)
     return diffusion.training_loss(output.float(), latents, noise, x_t, timesteps).mean()
+
+
+def sync_context(model, is_last_micro: bool):
+    """The context one micro-batch's forward + backward runs in. DDP/FSDP all-reduce gradients during backward; only
+    the last micro-batch of an optimizer step needs that, the earlier ones would sync partial sums for nothing, so
+    they run under the wrapper's no_sync(). A plain module has nothing to skip."""
+    if is_last_micro or not hasattr(model, "no_sync"):
+        return nullcontext()
+    return model.no_sync()
+
+
+def accumulate_gradients(model, batches, encoders, diffusion, precision, state, config, device) -> float:
+    """Forward + backward of grad_accum micro-batches into .grad; returns the mean loss of the optimizer step."""
+    train_cfg = config.train
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(train_cfg.grad_accum):
+        latents, conditions = encode_batch(next(batches), encoders, config, device)
+        # Sample i of the run is always sample i, whichever micro-batch (or resumed run) it lands in.
+        first_index = state.samples_seen + micro * train_cfg.batch_size
+        drop = caption_dropout_mask(latents.shape[0], first_index, train_cfg.seed, train_cfg.cfg_dropout)
+        conditions = drop_conditions(conditions, drop, encoders, config)
+        with sync_context(model, is_last_micro=micro == train_cfg.grad_accum - 1):
+            loss = micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config)
+            # Each micro-batch mean / grad_accum: the summed gradients are the mean over the whole step's samples.
+            (loss / train_cfg.grad_accum).backward()
+        loss_sum += loss.detach()  # no .item() here: one host sync per optimizer step, not per micro-batch
+    return float(loss_sum) / train_cfg.grad_accum
 
 
 def lr_factor(step: int, train) -> float:
@@ -141,18 +184,78 @@ def build_optimizer(model, train):
     return optimizer, scheduler
 
 
-def optimizer_step(model, optimizer, scheduler, ema, state: TrainState, train) -> tuple[float, bool]:
-    """Clip, step, schedule, EMA — once per optimizer step. A non-finite gradient skips the step (nothing changes)."""
+def optimizer_step(model, optimizer, scheduler, ema, state: TrainState, train, loss: float) -> tuple[float, bool]:
+    """Clip, step, schedule, EMA — once per optimizer step. A non-finite loss or gradient norm skips all of them,
+    so a NaN never reaches the weights, the optimizer moments or the EMA. Returns (grad norm, stepped)."""
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else float("inf"))
-    finite = bool(torch.isfinite(grad_norm))
-    if finite:
+    stepped = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+    if stepped:
         optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update(model, state.step)
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm), finite
+    return float(grad_norm), stepped
+
+
+@contextmanager
+def explain_out_of_memory(config):
+    """Re-raise an out-of-memory error with the sizes that caused it and what to change."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        train_cfg, data = config.train, config.data
+        raise torch.OutOfMemoryError(
+            f"out of memory in a training step at train.batch_size={train_cfg.batch_size}, data.frames={data.frames}, "
+            f"data.resolution={data.resolution} (train.grad_accum={train_cfg.grad_accum}, "
+            f"train.checkpointing={train_cfg.checkpointing}, train.precision={train_cfg.precision}); try a smaller "
+            f"train.batch_size with a larger train.grad_accum (same effective batch), "
+            f"train.checkpointing=selective-mlp|every-k|full, or train.precision=bf16") from error
+
+
+# ----------------------------------------------------------------------------------------------- faults, signals
+
+def count_bad_step(state: TrainState, metrics: MetricsLog, loss: float, grad_norm: float, max_bad_steps: int) -> None:
+    """Record a skipped optimizer step; stop the run after max_bad_steps of them in a row."""
+    state.bad_steps_in_row += 1
+    state.bad_steps_total += 1
+    log.warning("step %d: non-finite loss (%s) or gradient norm (%s); optimizer step skipped (%d in a row)",
+                state.step + 1, loss, grad_norm, state.bad_steps_in_row)
+    metrics.write({"step": state.step + 1, "event": "bad_step", "loss": repr(loss), "grad_norm": repr(grad_norm),
+                   "bad_steps": state.bad_steps_total})
+    if state.bad_steps_in_row >= max_bad_steps:
+        raise TrainingFault(f"{state.bad_steps_in_row} optimizer steps in a row had a NaN/inf loss or gradient after "
+                            f"step {state.step}; stopping (train.max_bad_steps={max_bad_steps}); the last good "
+                            f"checkpoint is kept: lower train.lr, or check the data")
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current optimizer step (it then checkpoints and returns).
+    A second signal of the same kind falls back to the default action, so a stuck run can still be killed."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        log.warning("%s received: stopping after this optimizer step and writing a checkpoint",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 # ----------------------------------------------------------------------------------------------------- the run
@@ -186,8 +289,48 @@ def write_validation_samples(run_dir: Path, step: int, config, sampling_model, e
     return out_dir
 
 
-def train(config, run_dir: Path) -> TrainState:
-    """Train `config` into `run_dir` (config.json, metrics.jsonl, samples/, weights/)."""
+def all_finite(*modules) -> bool:
+    return all(bool(torch.isfinite(p).all()) for m in modules if m is not None for p in m.parameters())
+
+
+def write_checkpoint(run_dir, model, ema, optimizer, scheduler, loader, state: TrainState, config) -> Path:
+    """Everything a resume needs; refuses to save weights that hold a NaN/inf (a poisoned state is never saved)."""
+    if not all_finite(model, ema.model if ema is not None else None):
+        raise TrainingFault(f"step {state.step}: the weights hold NaN/inf; not writing a checkpoint over good ones")
+    training_state = {"step": state.step, "train_state": asdict(state), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
+                      "config": json.dumps(config_to_dict(config))}
+    path = save_checkpoint(run_dir, state.step, model, ema, training_state, config.train.keep_last)
+    log.info("checkpoint: %s", path)
+    return path
+
+
+def resume_from(path: Path, run_dir: Path, model, ema, optimizer, scheduler, loader) -> TrainState:
+    """Load checkpoint `path` into the built run and cut metrics.jsonl back to its step."""
+    saved = load_checkpoint(path, model, ema)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    loader.load_state_dict(saved["loader"])
+    set_rng_state(saved["rng"])
+    state = TrainState(**saved["train_state"])
+    dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
+    log.info("resumed from %s at step %d (%d metrics lines after it dropped)", path, state.step, dropped)
+    return state
+
+
+def step_record(state, loss, lr, grad_norm, samples_per_s, tokens_per_sample, device) -> dict:
+    record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
+              "tokens_per_s": samples_per_s * tokens_per_sample, "bad_steps": state.bad_steps_total}
+    if device.type == "cuda":
+        record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # the process's peak resident memory (Linux reports KiB)
+        record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return record
+
+
+def train(config, run_dir: Path, resume: Path | None = None) -> TrainState:
+    """Train `config` into `run_dir` (config.json, metrics.jsonl, checkpoints/, samples/, weights/), continuing
+    from checkpoint folder `resume` when given. Returns the final TrainState (`stopped_by` set after a signal)."""
     torch.manual_seed(config.train.seed)
     device = resolve_device(config.train.device)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -201,62 +344,57 @@ def train(config, run_dir: Path) -> TrainState:
     diffusion = Diffusion(config.diffusion)
     model, ema, precision = build_training_model(config, device)
     optimizer, scheduler = build_optimizer(model, train_cfg)
+    state = TrainState()
+    if resume is not None:
+        state = resume_from(resume, run_dir, model, ema, optimizer, scheduler, loader)
     metrics = MetricsLog(run_dir, config.log, config_to_dict(config))
     log.info("model: %.2fM parameters; run dir %s", sum(p.numel() for p in model.parameters()) / 1e6, run_dir)
 
-    state = TrainState()
+    def checkpoint():
+        return write_checkpoint(run_dir, model, ema, optimizer, scheduler, loader, state, config)
+
     batches = iter(loader)
     _, frames_tokens = latent_geometry(config)
     tokens_per_sample = (config.data.frames + config.data.num_images) * (frames_tokens // config.model.patch_size) ** 2
     samples_per_step = train_cfg.batch_size * train_cfg.grad_accum
-    progress = tqdm(total=train_cfg.max_steps, desc="train", unit="step", dynamic_ncols=True)
+    progress = tqdm(total=train_cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
     model.train()
-    while state.step < train_cfg.max_steps:
-        loss_sum = 0.0
-        for micro in range(train_cfg.grad_accum):
-            latents, conditions = encode_batch(next(batches), encoders, config, device)
-            first_index = state.samples_seen + micro * train_cfg.batch_size
-            drop = caption_dropout_mask(latents.shape[0], first_index, train_cfg.seed, train_cfg.cfg_dropout)
-            conditions = drop_conditions(conditions, drop, encoders, config)
-            loss = micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config)
-            (loss / train_cfg.grad_accum).backward()
-            loss_sum += loss.item()
-        grad_norm, finite = optimizer_step(model, optimizer, scheduler, ema, state, train_cfg)
-        state.samples_seen += samples_per_step
-        if not finite or not math.isfinite(loss_sum):
-            state.bad_steps_in_row += 1
-            state.bad_steps_total += 1
-            log.warning("step %d: non-finite loss or gradient; optimizer step skipped", state.step)
-            if state.bad_steps_in_row >= train_cfg.max_bad_steps:
-                raise FloatingPointError(f"{state.bad_steps_in_row} optimizer steps in a row had a NaN/inf loss or "
-                                         f"gradient; stopping (train.max_bad_steps={train_cfg.max_bad_steps})")
-            continue
-        state.bad_steps_in_row = 0
-        state.step += 1
-        window_steps += 1
-        progress.update(1)
-        loss_value = loss_sum / train_cfg.grad_accum
-        if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            samples_per_s = window_steps * samples_per_step / elapsed
-            record = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
-                      "bad_steps": state.bad_steps_total}
-            if device.type == "cuda":
-                record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            metrics.write(record)
-            progress.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples_per_s:.1f}")
-            window_start, window_steps = time.perf_counter(), 0
-        if train_cfg.sample_every and state.step % train_cfg.sample_every == 0 and state.step < train_cfg.max_steps:
-            write_validation_samples(run_dir, state.step, config, ema.model if ema else model, encoders, diffusion,
-                                     precision, dataset, device, metrics)
-            model.train()
-    progress.close()
-    sampling_model = ema.model if ema else model
+    with StopSignals() as signals:
+        while state.step < train_cfg.max_steps and signals.received is None:
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            with explain_out_of_memory(config):
+                loss = accumulate_gradients(model, batches, encoders, diffusion, precision, state, config, device)
+                grad_norm, stepped = optimizer_step(model, optimizer, scheduler, ema, state, train_cfg, loss)
+            state.samples_seen += samples_per_step  # consumed even when skipped: a resume must not replay them
+            if not stepped:
+                count_bad_step(state, metrics, loss, grad_norm, train_cfg.max_bad_steps)
+                continue
+            state.bad_steps_in_row = 0
+            state.step += 1
+            window_steps += 1
+            progress.update(1)
+            if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
+                samples_per_s = window_steps * samples_per_step / (time.perf_counter() - window_start)
+                metrics.write(step_record(state, loss, lr, grad_norm, samples_per_s, tokens_per_sample, device))
+                progress.set_postfix(step=state.step, loss=f"{loss:.4f}", samples_s=f"{samples_per_s:.1f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if train_cfg.ckpt_every and state.step % train_cfg.ckpt_every == 0 and state.step < train_cfg.max_steps:
+                checkpoint()
+            if train_cfg.sample_every and state.step % train_cfg.sample_every == 0 and state.step < train_cfg.max_steps:
+                write_validation_samples(run_dir, state.step, config, ema.model if ema else model, encoders, diffusion,
+                                         precision, dataset, device, metrics)
+                model.train()
+        progress.close()
+        path = checkpoint()
+        if signals.received is not None:
+            state.stopped_by = signal.Signals(signals.received).name
+            metrics.close()
+            log.warning("stopped by %s at step %d; checkpoint %s", state.stopped_by, state.step, path)
+            return state
     save_weights(run_dir / "weights", model, ema)
-    out_dir = write_validation_samples(run_dir, state.step, config, sampling_model, encoders, diffusion, precision,
-                                       dataset, device, metrics)
+    out_dir = write_validation_samples(run_dir, state.step, config, ema.model if ema else model, encoders, diffusion,
+                                       precision, dataset, device, metrics)
     metrics.close()
     log.info("done: %d steps; samples in %s", state.step, out_dir)
     return state

@@ -1,0 +1,196 @@
+"""Training checkpoints that survive a kill: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a folder `<run>/checkpoints/step_<N>/`:
+    model.safetensors   live weights (plain: the same keys whatever the precision)
+    ema.safetensors     EMA weights (when the run keeps an EMA)
+    state.pt            optimizer, LR scheduler, TrainState, RNG states (torch, CUDA, numpy, python), data position,
+                        the run config; plain containers and tensors only, loaded with torch.load(weights_only=True)
+    manifest.json       step + sha256 of every file above; written last
+The folder is written under a temporary name (`.tmp-step_<N>-<pid>`), every file fsync'd, then renamed in one step:
+a kill during the write leaves only a temporary folder, which loading ignores and the next save removes. A checkpoint
+whose manifest is missing or whose files do not match their checksums is reported with its path and skipped.
+Nothing here unpickles: weights are safetensors, the rest goes through torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .precision import load_plain_state_dict
+from .weights import plain_state
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+STATE = "state.pt"
+FORMAT_VERSION = 1
+# Test hook: seconds to sleep after the weights are written and before the manifest + rename (a window to kill in).
+WRITE_DELAY_ENV = "RISTRETTO_TEST_CHECKPOINT_WRITE_DELAY"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: names its path and what is wrong."""
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------------------- RNG state
+
+def rng_state() -> dict:
+    """Every global RNG a training step might touch, as tensors and plain Python values (weights_only-loadable)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk, so a rename never publishes unwritten bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, ema, training_state: dict, keep_last: int = 2) -> Path:
+    """Write checkpoint `step` atomically (temporary folder, fsync, rename) and prune old ones; returns its folder.
+
+    `training_state` holds everything but the weights (optimizer, scheduler, train_state, loader, rng, config).
+    keep_last: how many older checkpoints survive next to the new one.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(run_dir, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(plain_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if ema is not None:
+        save_file(plain_state(ema.model), str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+    torch.save(training_state, tmp / STATE)
+    if os.environ.get(WRITE_DELAY_ENV):
+        time.sleep(float(os.environ[WRITE_DELAY_ENV]))
+    files = sorted(p.name for p in tmp.iterdir())
+    manifest = {"format": FORMAT_VERSION, "step": step, "files": {name: sha256_of(tmp / name) for name in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    for name in files + [MANIFEST]:
+        fsync_path(tmp / name)
+    fsync_path(tmp)
+    if final.exists():  # the same step written again (e.g. a resumed run that stops where it resumed): swap it out
+        stale = root / f".old-{final.name}-{os.getpid()}"
+        final.rename(stale)
+        tmp.rename(final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    fsync_path(root)
+    prune_checkpoints(root, keep_last)
+    return final
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Keep the newest checkpoint and `keep_last` older ones; remove leftovers of interrupted writes."""
+    for leftover in root.glob(".tmp-*"):
+        if not leftover.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    for old in list_checkpoints(root.parent)[: -(keep_last + 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Published checkpoint folders of a run, oldest first (temporary folders excluded)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The manifest of checkpoint `path` when every file matches its checksum; CheckpointError naming it otherwise."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {path}: no readable {MANIFEST} ({error})") from None
+    for name, expected in files.items():
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        if sha256_of(path / name) != expected:
+            raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum (truncated or corrupt)")
+    if "model.safetensors" not in files or STATE not in files:
+        raise CheckpointError(f"checkpoint {path}: manifest lists no model.safetensors or {STATE}")
+    return manifest
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes its checksums; each bad one on the way is reported with its path."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as error:
+            log.warning("%s; falling back to the previous checkpoint", error)
+    return None
+
+
+def load_training_state(path: Path) -> dict:
+    """state.pt of a verified checkpoint: plain containers and tensors only (torch.load weights_only=True)."""
+    return torch.load(Path(path) / STATE, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(path: Path, model, ema=None) -> dict:
+    """Verify checkpoint `path`, load its weights into `model` (and `ema`), return the rest (see save_checkpoint)."""
+    verify_checkpoint(path)
+    path = Path(path)
+    load_plain_state_dict(model, load_file(str(path / "model.safetensors")))
+    if ema is not None:
+        ema_file = path / "ema.safetensors"
+        if not ema_file.is_file():
+            raise CheckpointError(f"checkpoint {path}: the run keeps an EMA but the checkpoint has no ema.safetensors")
+        ema.load_state_dict(load_file(str(ema_file)))
+    return load_training_state(path)
