@@ -130,10 +130,10 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, training_state: dict, 
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Keep the newest checkpoint and `keep_last` older ones; remove leftovers of interrupted writes."""
-    for leftover in root.glob(".tmp-*"):
-        if not leftover.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    """Keep the newest checkpoint and `keep_last` older ones; remove leftovers of interrupted writes (called after
+    the new checkpoint is published, so no temporary folder is still in use: one run writes its checkpoints)."""
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     for old in list_checkpoints(root.parent)[: -(keep_last + 1)]:
         shutil.rmtree(old, ignore_errors=True)
 
