@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ristretto.kernels import reference
+from ristretto.kernels.testing import assert_matches_reference
 from ristretto.kernels.gate_residual import gate_residual, gate_residual_layernorm_modulate
 
 # (dtype, atol): fp32 must be tight; low precision passes when err <= 2 * (reference's own low-precision err) + atol
@@ -15,36 +16,6 @@ SHAPES = [  # (N, S, D, gate groups, shift/scale groups)
     (4, 5, 40, 2, 4),  # finer norm groups than gate groups
     (2, 333, 64, 1, 2),  # 666 rows: several row tiles per backward program and several programs per group
 ]
-
-
-# Same checker as tests/kernels/test_layernorm_modulate.py (test modules cannot import each other under importlib).
-def outputs_and_grads(fn, inputs, douts, upcast=False, **kwargs):
-    """Run fn on fresh leaves (fp64 when upcast, so the reference grads are not rounded) -> outputs + grads."""
-    leaves = [t.detach().clone().double() if upcast else t.detach().clone() for t in inputs]
-    for leaf, source in zip(leaves, inputs):
-        leaf.requires_grad_(source.requires_grad)
-    outs = fn(*leaves, **kwargs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    grad_leaves = [leaf for leaf in leaves if leaf.requires_grad]
-    douts = [d.double() if upcast else d for d in douts]
-    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, grad_leaves, douts))
-
-
-def assert_matches_reference(kernel_fn, reference_fn, inputs, atol, douts=None):
-    """x (kernel), x_pt (reference in the same precision), x_ref (reference in fp64):
-    pass when max|x - x_ref| <= 2 max|x_pt - x_ref| + atol, for every output and every gradient."""
-    if douts is None:
-        outs = reference_fn(*inputs)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        douts = [torch.randn_like(o) for o in outs]
-    got = outputs_and_grads(kernel_fn, inputs, douts)
-    same_precision = outputs_and_grads(reference_fn, inputs, douts)
-    exact = outputs_and_grads(reference_fn, inputs, douts, upcast=True)
-    for i, (x, x_pt, x_ref) in enumerate(zip(got, same_precision, exact)):
-        assert (x.shape, x.dtype) == (x_pt.shape, x_pt.dtype), f"tensor {i}: shape or dtype differs"
-        err = (x.double() - x_ref).abs().max().item()
-        err_pt = (x_pt.double() - x_ref).abs().max().item()
-        assert err <= 2 * err_pt + atol, f"tensor {i} (outputs, then grads): err {err:.3g}, reference's {err_pt:.3g}"
 
 
 def make_inputs(n, s, d, gate_groups, norm_groups, dtype, device, seed=0):
