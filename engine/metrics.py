@@ -67,11 +67,18 @@ class MetricsLog:
             log.warning("%s logging failed (%s: %s); switching it off for this run", name, type(error).__name__, error)
             setattr(self, name, None)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def close(self) -> None:
         if self.tensorboard is not None:
             self._guard("tensorboard", self.tensorboard.close)
         if self.wandb is not None:
             self._guard("wandb", self.wandb.finish)
+        self.tensorboard = self.wandb = None  # closing twice is harmless
 
 
 def frame_grid(frames: torch.Tensor) -> torch.Tensor:

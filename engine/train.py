@@ -357,10 +357,10 @@ def train(config, run_dir: Path, resume: Path | None = None) -> TrainState:
     _, frames_tokens = latent_geometry(config)
     tokens_per_sample = (config.data.frames + config.data.num_images) * (frames_tokens // config.model.patch_size) ** 2
     samples_per_step = train_cfg.batch_size * train_cfg.grad_accum
-    progress = tqdm(total=train_cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
     model.train()
-    with StopSignals() as signals:
+    with StopSignals() as signals, metrics, tqdm(total=train_cfg.max_steps, initial=state.step, desc="train",
+                                                  unit="step", dynamic_ncols=True) as progress:
         while state.step < train_cfg.max_steps and signals.received is None:
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
             with explain_out_of_memory(config):
@@ -389,12 +389,10 @@ def train(config, run_dir: Path, resume: Path | None = None) -> TrainState:
         path = checkpoint()
         if signals.received is not None:
             state.stopped_by = signal.Signals(signals.received).name
-            metrics.close()
             log.warning("stopped by %s at step %d; checkpoint %s", state.stopped_by, state.step, path)
             return state
-    save_weights(run_dir / "weights", model, ema)
-    out_dir = write_validation_samples(run_dir, state.step, config, ema.model if ema else model, encoders, diffusion,
-                                       precision, dataset, device, metrics)
-    metrics.close()
+        save_weights(run_dir / "weights", model, ema)
+        out_dir = write_validation_samples(run_dir, state.step, config, ema.model if ema else model, encoders,
+                                           diffusion, precision, dataset, device, metrics)
     log.info("done: %d steps; samples in %s", state.step, out_dir)
     return state
