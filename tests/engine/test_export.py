@@ -1,0 +1,83 @@
+"""Export: a run's EMA weights in our format and, for t2v, a diffusers folder that
+LatteTransformer3DModel.from_pretrained loads with no missing keys and that gives our model's output."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ristretto.engine.build import build_plain_model
+from ristretto.engine.config import build_config, config_from_dict
+from ristretto.engine.export import export_run, main
+from ristretto.engine.train import train
+from ristretto.model.diffusers_interop import to_diffusers
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=1", "data.frames=2", "data.resolution=8",
+        "train.batch_size=2", "train.max_steps=2", "train.warmup_steps=1", "train.lr=1e-2", "train.ema_decay=0.5",
+        "diffusion.sample_steps=1", "sample.num_samples=1"]
+
+
+@pytest.fixture(scope="module")
+def t2v_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    train(build_config("tiny-t2v", TINY), run_dir)
+    return run_dir
+
+
+def test_export_writes_ema_weights_and_a_diffusers_folder(t2v_run, capsys):
+    assert main(["--run", str(t2v_run)]) == 0
+    printed = capsys.readouterr().out.split()
+    ours_dir, diffusers_dir = t2v_run / "export" / "ristretto", t2v_run / "export" / "diffusers"
+    assert printed == [str(ours_dir), str(diffusers_dir)]
+    ema = load_file(str(t2v_run / "weights" / "ema.safetensors"))
+    live = load_file(str(t2v_run / "weights" / "model.safetensors"))
+    exported = load_file(str(ours_dir / "model.safetensors"))
+    assert all(torch.equal(exported[k], ema[k]) for k in ema) and exported.keys() == ema.keys()
+    assert any(not torch.equal(ema[k], live[k]) for k in ema)  # really the EMA, not the live weights
+    config = config_from_dict(json.loads((ours_dir / "config.json").read_text()))
+    assert config.model.hidden_size == 32
+
+    reference, info = diffusers.LatteTransformer3DModel.from_pretrained(str(diffusers_dir), output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    expected_state = to_diffusers(ema)
+    loaded = reference.state_dict()
+    assert all(torch.equal(loaded[k], expected_state[k]) for k in expected_state)
+
+    ours = build_plain_model(config).eval()
+    ours.load_state_dict(exported)
+    generator = torch.Generator().manual_seed(0)
+    video = torch.randn(2, 2, 3, 8, 8, generator=generator)
+    caption = torch.randn(2, 16, 32, generator=generator)
+    timestep = torch.tensor([10, 700])
+    with torch.no_grad():
+        got = ours(video, timestep, caption=caption)
+        expected = reference.eval()(video.permute(0, 2, 1, 3, 4), timestep,
+                                    encoder_hidden_states=caption).sample.permute(0, 2, 1, 3, 4)
+    assert got.abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_export_falls_back_to_the_newest_checkpoint(t2v_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(t2v_run, run_dir)
+    shutil.rmtree(run_dir / "weights")  # e.g. a run stopped by SIGTERM: checkpoints only
+    written = export_run(run_dir, tmp_path / "out")
+    exported = load_file(str(written["ristretto"] / "model.safetensors"))
+    ema = load_file(str(t2v_run / "checkpoints" / "step_00000002" / "ema.safetensors"))
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+
+
+def test_class_model_exports_our_format_only(tmp_path):
+    run_dir = tmp_path / "run"
+    train(build_config("tiny-class", TINY + ["train.max_steps=1"]), run_dir)
+    written = export_run(run_dir)
+    assert set(written) == {"ristretto"}
+    assert not (run_dir / "export" / "diffusers").exists()
+
+
+def test_export_cli_names_a_bad_run_folder(tmp_path, capsys):
+    assert main(["--run", str(tmp_path)]) == 2
+    assert str(tmp_path / "config.json") in capsys.readouterr().err
