@@ -118,6 +118,17 @@ def resume_config(args, run_dir: Path, checkpoint: Path):
     return config
 
 
+def check_loggers(config) -> None:
+    """An asked-for logger whose package is missing is a user error, named before anything starts."""
+    import importlib.util  # noqa: PLC0415
+
+    for enabled, module, package in ((config.log.tensorboard, "tensorboard", "tensorboard"),
+                                     (config.log.wandb, "wandb", "wandb")):
+        if enabled and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"log.{module}=true needs the {package} package: pip install {package} "
+                              f"(or pip install -e '.[log]')")
+
+
 def prepare(args):
     """(config, run dir, checkpoint to resume or None); every user mistake is a ConfigError, nothing written yet."""
     if args.resume is not None:
@@ -127,10 +138,12 @@ def prepare(args):
             if run_dir != checkpoint.parent.parent:  # a new run started from another run's checkpoint
                 check_run_dir(run_dir)
             check_writable(run_dir)
+            check_loggers(config)
             return config, run_dir, checkpoint
     config = build_config(args.preset or "tiny-t2v", args.overrides)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = args.out or Path("runs") / f"{config.preset}-{stamp}"
+    check_loggers(config)
     check_run_dir(run_dir)
     return config, run_dir, None
 
