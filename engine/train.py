@@ -155,7 +155,8 @@ def accumulate_gradients(model, batches, encoders, diffusion, precision, state, 
     loss_sum = torch.zeros((), device=device)
     for micro in range(train_cfg.grad_accum):
         latents, conditions = encode_batch(next(batches), encoders, config, device)
-        # Sample i of the run is always sample i, whichever micro-batch (or resumed run) it lands in.
+        # Sample i of the run is always sample i, whichever micro-batch (or resumed run) it lands in. (Under DDP the
+        # index will also need this rank's offset; the loader's sampler already shards by rank.)
         first_index = state.samples_seen + micro * train_cfg.batch_size
         drop = caption_dropout_mask(latents.shape[0], first_index, train_cfg.seed, train_cfg.cfg_dropout)
         conditions = drop_conditions(conditions, drop, encoders, config)
