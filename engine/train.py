@@ -160,7 +160,7 @@ def accumulate_gradients(model, batches, encoders, diffusion, precision, state, 
         first_index = state.samples_seen + micro * train_cfg.batch_size
         drop = caption_dropout_mask(latents.shape[0], first_index, train_cfg.seed, train_cfg.cfg_dropout)
         conditions = drop_conditions(conditions, drop, encoders, config)
-        with sync_context(model, is_last_micro=micro == train_cfg.grad_accum - 1):
+        with sync_context(model, micro == train_cfg.grad_accum - 1):  # DDP: sync only on the last micro-batch
             loss = micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config)
             # Each micro-batch mean / grad_accum: the summed gradients are the mean over the whole step's samples.
             (loss / train_cfg.grad_accum).backward()
