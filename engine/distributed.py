@@ -340,16 +340,16 @@ def local_data_state(data_state: dict, info: DistInfo) -> dict:
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 
-def _full_options(info_world: int, **extra) -> StateDictOptions:
-    # cpu_offload with full_state_dict: only rank 0 receives the gathered tensors (others get {}), in CPU memory.
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra)
+def full_state_options() -> StateDictOptions:
+    """Gather full (unsharded) tensors; with cpu_offload only rank 0 receives them (others get {}), in CPU memory."""
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def gather_full_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The plain state dict of `module` (sharded, DDP-wrapped or plain) gathered on rank 0 as contiguous CPU tensors in
     the single-process key format (weights.plain_state: no `module.` prefix, no TE `_extra_state`); {} on other ranks.
     A collective under FSDP: every rank must call it."""
-    state = get_model_state_dict(module, options=_full_options(1))
+    state = get_model_state_dict(module, options=full_state_options())
     return {key: plain_tensor(value).detach().contiguous().cpu() for key, value in state.items()
             if not key.endswith(EXTRA_STATE_SUFFIX)}
 
@@ -367,7 +367,7 @@ def save_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     info = info or _current_info()
     model_state = gather_full_state(model)
     ema_state = gather_full_state(ema_model) if ema_model is not None else None
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=_full_options(1))
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=full_state_options())
     if is_main(info):
         if "optimizer" in extra:
             raise ValueError("save_distributed: `extra` may not use the key 'optimizer' (it holds the optimizer state)")
