@@ -354,6 +354,36 @@ def gather_full_state(module: nn.Module) -> dict[str, torch.Tensor]:
             if not key.endswith(EXTRA_STATE_SUFFIX)}
 
 
+def plain_module_on_main(module: nn.Module, make_plain, info: DistInfo) -> nn.Module | None:
+    """A module rank 0 can run alone (validation sampling, export): `module` itself for none/ddp (pass the unwrapped
+    model or the EMA copy), and for fsdp a fresh `make_plain()` model (e.g. build_plain_model(config), moved to
+    info.device) loaded with the gathered weights; None on the other ranks. Collective under FSDP: every rank calls
+    it, then rank 0 samples while the others wait at `barrier`."""
+    if info.strategy != "fsdp":
+        return module if is_main(info) else None
+    state = gather_full_state(module)
+    if not is_main(info):
+        return None
+    plain = make_plain().to(info.device)
+    plain.load_state_dict(state)
+    return plain
+
+
+def export_weights(out_dir: Path, model: nn.Module, ema_model: nn.Module | None, info: DistInfo) -> None:
+    """weights.save_weights for any strategy: rank 0 writes out_dir/model.safetensors (+ ema.safetensors), plain
+    keys, each under a temporary name then renamed. Every rank calls it (the gather is collective under FSDP)."""
+    targets = {"model": model} | ({"ema": ema_model} if ema_model is not None else {})
+    states = {name: gather_full_state(module) for name, module in targets.items()}
+    if is_main(info):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, state in states.items():
+            tmp = out_dir / f".{name}.safetensors.tmp"
+            save_file(state, str(tmp))
+            tmp.replace(out_dir / f"{name}.safetensors")
+    barrier(info)
+
+
 def save_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
                      ema_model: nn.Module | None = None, info: DistInfo | None = None) -> Path:
     """Write a checkpoint folder `path` in engine/checkpoint.py's layout, from any strategy, on rank 0:

@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 from safetensors.torch import load_file, save_file
 
 from ristretto.engine import distributed as D
-from ristretto.engine.build import build_training_model
+from ristretto.engine.build import build_plain_model, build_training_model
 from ristretto.engine.config import build_config
 from ristretto.engine.datasets import build_dataset, build_loader
 from ristretto.engine.diffusion import Diffusion
@@ -157,6 +158,12 @@ def worker(rank: int, port: int, out: str) -> None:
                 log["losses"].append(run.step())
             weights = D.gather_full_state(run.model)
             ema = D.gather_full_state(run.ema.model)
+            D.export_weights(out / f"{strategy}_export", run.model, run.ema.model, run.info)
+            sampling = D.plain_module_on_main(run.ema.model, lambda: build_plain_model(config), run.info)
+            assert (sampling is None) == (rank != 0)
+            if sampling is not None:  # rank 0 alone can sample with it: plain tensors equal to the gathered EMA
+                assert not isinstance(next(sampling.parameters()), DTensor)
+                assert_close_dicts(sampling.state_dict(), ema, "rank-0 sampling copy")
             if strategy == "ddp":  # every replica holds the same weights
                 assert equal_across_ranks(run.model.parameters())
             if D.is_main(info):
@@ -218,6 +225,7 @@ def assert_close_dicts(actual: dict, expected: dict, what: str) -> None:
 def test_two_ranks_equal_one_process(two_rank_runs, reference, strategy):
     run, losses, _ = reference
     weights = load_file(str(two_rank_runs / f"{strategy}_model.safetensors"))
+    assert_close_dicts(load_file(str(two_rank_runs / f"{strategy}_export" / "model.safetensors")), weights, "export")
     assert_close_dicts(weights, {k: v.detach() for k, v in run.model.state_dict().items()}, f"{strategy} weights")
     ema = load_file(str(two_rank_runs / f"{strategy}_ema.safetensors"))
     assert_close_dicts(ema, run.ema.model.state_dict(), f"{strategy} EMA")
