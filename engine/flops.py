@@ -34,6 +34,7 @@ class TokenGeometry:
     caption_channels: int  # Cc
     pooled_caption: bool
     learn_sigma: bool
+    num_classes: int      # class-conditional label table size (0 for text)
 
     @property
     def tokens_per_frame(self) -> int:  # S = (H/p) * (W/p)
@@ -76,7 +77,8 @@ def token_geometry(config, batch: int | None = None) -> TokenGeometry:
         mlp_hidden=int(model.hidden_size * model.mlp_ratio), depth=model.depth,
         out_channels=channels * (2 if model.learn_sigma else 1),
         caption_length=model.caption_length if t2v else 0, caption_channels=model.caption_channels if t2v else 0,
-        pooled_caption=t2v and model.pooled_caption, learn_sigma=model.learn_sigma)
+        pooled_caption=t2v and model.pooled_caption, learn_sigma=model.learn_sigma,
+        num_classes=0 if t2v else model.num_classes)
 
 
 def linear_flops(rows: int, fan_in: int, fan_out: int) -> float:
