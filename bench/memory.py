@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ristretto.bench.common import RESULTS_DIR, bar_chart, format_table, write_results
-from ristretto.bench.step import CONFIGS, StepConfig, random_inputs
+from ristretto.bench.step import CONFIGS, StepConfig, cpu_threads, random_inputs
 from ristretto.engine.build import build_training_model
 from ristretto.engine.checkpointing import CHECKPOINTING_MODES
 from ristretto.engine.config import build_config
@@ -33,8 +33,8 @@ from ristretto.engine.train import TrainState, build_optimizer, micro_step_loss,
 
 MEMORY_OVERRIDES = ("data.kind=cached",)  # latents are given: no encoders (the plan then counts none either)
 SMOKE_CONFIGS = [
-    StepConfig("tiny-t2v", "tiny-t2v", ("train.batch_size=4",)),
-    StepConfig("tiny-class sigma", "tiny-class", ("train.batch_size=4", "model.learn_sigma=true")),
+    StepConfig("tiny-t2v", "tiny-t2v", ("train.batch_size=2", "data.frames=4")),
+    StepConfig("tiny-class sigma", "tiny-class", ("train.batch_size=2", "data.frames=4", "model.learn_sigma=true")),
     StepConfig("small-t2v", "tiny-t2v", ("train.batch_size=2", "model.hidden_size=128", "model.depth=3",
                                          "data.resolution=64", "data.frames=4")),
 ]
@@ -246,7 +246,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    if torch.cuda.is_available() and not args.smoke:
+        return run(args)
+    with cpu_threads(1):
+        return run(args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ristretto.bench.step import cpu_threads
 from ristretto.engine.build import build_plain_model, latent_geometry
 from ristretto.engine.config import build_config
 from ristretto.engine.flops import model_flops, recompute_flops
@@ -12,6 +13,13 @@ CASES = {
     "class+sigma": ("tiny-class", ["model.learn_sigma=true"]),
     "t2v+images+pool": ("tiny-t2v", ["data.num_images=2", "model.pooled_caption=true", "data.frames=4"]),
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two, and immune to other processes on shared cores."""
+    with cpu_threads(1):
+        yield
 
 
 def model_inputs(config, batch: int):

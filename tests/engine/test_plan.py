@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ristretto.bench.memory import measure_saved_bytes
+from ristretto.bench.step import cpu_threads
 from ristretto.engine import plan
 from ristretto.engine.build import latent_geometry
 from ristretto.engine.checkpointing import CHECKPOINTING_MODES
@@ -16,6 +17,13 @@ MODELS = {
     "small": ("tiny-t2v", ["train.batch_size=2", "model.hidden_size=128", "model.depth=3", "data.resolution=64",
                            "data.frames=4", "model.caption_length=24"]),
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two, and immune to other processes on shared cores."""
+    with cpu_threads(1):
+        yield
 
 
 def within(predicted: int, measured: int, tolerance: float = 0.10) -> bool:

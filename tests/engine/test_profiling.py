@@ -1,9 +1,18 @@
 """profile_steps records exactly the asked-for optimizer steps after the warm-up, and writes the trace and table."""
 import json
 
+import pytest
 import torch
 
+from ristretto.bench.step import cpu_threads
 from ristretto.engine.profiling import profile_steps
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two, and immune to other processes on shared cores."""
+    with cpu_threads(1):
+        yield
 
 
 def tiny_training(profiler, steps: int) -> None:
