@@ -90,12 +90,16 @@ class TrainingSteps:
 
     def run(self, batch: int, steps: int = 2) -> None:
         latents, _, conditions = random_inputs(self.config, batch, self.device)
+        accum = self.config.train.grad_accum
         for _ in range(steps):
-            for micro in range(self.config.train.grad_accum):
+            loss_sum = 0.0
+            for micro in range(accum):
                 loss = micro_step_loss(self.model, self.diffusion, self.precision, latents, conditions,
                                        micro * batch, self.config)
-                (loss / self.config.train.grad_accum).backward()
-            optimizer_step(self.model, self.optimizer, self.scheduler, self.ema, self.state, self.config.train)
+                (loss / accum).backward()
+                loss_sum += float(loss.detach())
+            optimizer_step(self.model, self.optimizer, self.scheduler, self.ema, self.state, self.config.train,
+                           loss_sum / accum)
             self.state.step += 1
 
 

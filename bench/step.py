@@ -191,6 +191,7 @@ def bench_one(implementation: str, config, device, steps: int, peak_tflops: floa
     row = {"impl": implementation}
     build = ours if implementation == "ours" else diffusers_twin
     batch = config.train.batch_size
+    free_memory(device)  # the previous row's model, or an out-of-memory traceback's frames
     try:
         inputs = random_inputs(config, batch, device)
         if device.type == "cuda":

@@ -47,3 +47,21 @@ def test_memory_smoke_matches_planner(tmp_path, capsys):
     assert "planned/measured" in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     assert (tmp_path / "memory_cpu.png").stat().st_size > 0
+
+
+def test_training_steps_run_a_real_optimizer_step_on_cpu():
+    """The GPU measurement's step (micro_step_loss, backward, clip, AdamW, EMA) runs; only its CUDA counters wait."""
+    config = memory_bench.case_config(memory_bench.SMOKE_CONFIGS[0], "full", "fp32", "sdpa")
+    steps = memory_bench.TrainingSteps(config, torch.device("cpu"))
+    before = [p.detach().clone() for p in steps.model.parameters()]
+    steps.run(batch=2, steps=1)
+    assert steps.state.step == 1
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, steps.model.parameters()))
+
+
+@pytest.mark.parametrize("start", [1, 5, 9, 20])
+def test_measured_largest_batch_walks_to_the_boundary(monkeypatch, start):
+    monkeypatch.setattr(memory_bench, "runs", lambda steps, batch: batch <= 7)  # pretend batch 8 runs out of memory
+    assert memory_bench.measured_largest_batch(None, start) == (7 if start - 7 <= memory_bench.MAX_PROBES else None)
+    monkeypatch.setattr(memory_bench, "runs", lambda steps, batch: False)
+    assert memory_bench.measured_largest_batch(None, 3) is None
