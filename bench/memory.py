@@ -76,7 +76,8 @@ def measure_saved_bytes(config, device=torch.device("cpu")) -> int:
     model, _, precision = build_training_model(no_ema, device)
     latents, _, conditions = random_inputs(config, config.train.batch_size, device)
     diffusion = Diffusion(config.diffusion)
-    return saved_tensor_bytes(model, lambda: micro_step_loss(model, diffusion, precision, latents, conditions, 0, config))
+    return saved_tensor_bytes(
+        model, lambda: micro_step_loss(model, diffusion, precision, latents, conditions, 0, config))
 
 
 class TrainingSteps:
@@ -203,18 +204,19 @@ def planner_fit_rows(args, gpu_gib: float) -> list[dict]:
 def run(args) -> dict:
     cuda = torch.cuda.is_available() and not args.smoke
     out_dir = Path(args.out) if args.out is not None else RESULTS_DIR
+    precision = args.precision
     if cuda:
         rows = [gpu_row(CONFIGS[name], mode, args, out_dir) for name in args.configs for mode in args.modes]
         fit_rows = []
     else:
         # fp32 on CPU: bf16 autocast is slow there (tests/engine/test_plan.py checks a bf16 case too)
-        precision = "fp32" if args.precision == "bf16" else args.precision
+        precision = "fp32" if precision == "bf16" else precision
         rows = [smoke_row(config, mode, precision, args.attention) for config in SMOKE_CONFIGS for mode in args.modes]
         fit_rows = planner_fit_rows(args, 80.0) if args.fit else []
     print(format_table(rows))
     if fit_rows:
         print(format_table(fit_rows))
-    payload = {"config": {"smoke": not cuda, "precision": args.precision if cuda else precision, "attention": args.attention,
+    payload = {"config": {"smoke": not cuda, "precision": precision, "attention": args.attention,
                           "measured": "torch.cuda.max_memory_allocated over 2 optimizer steps" if cuda
                           else "bytes saved for backward (saved_tensors_hooks) in one training forward"},
                "rows": rows, "planner_fit": fit_rows}
@@ -245,7 +247,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     bad = [m for m in args.modes if m not in CHECKPOINTING_MODES] + [c for c in args.configs if c not in CONFIGS]
     if bad:
-        parser.error(f"unknown modes/configs {bad}; modes: {', '.join(CHECKPOINTING_MODES)}; configs: {', '.join(CONFIGS)}")
+        parser.error(f"unknown modes/configs {bad}; modes: {', '.join(CHECKPOINTING_MODES)}; "
+                     f"configs: {', '.join(CONFIGS)}")
     return args
 
 

@@ -206,7 +206,8 @@ def bench_one(implementation: str, config, device, steps: int, peak_tflops: floa
         row["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     del model, forward
     free_memory(device)
-    tokens = (config.data.frames + config.data.num_images) * (latent_geometry(config)[1] // config.model.patch_size) ** 2
+    tokens_per_frame = (latent_geometry(config)[1] // config.model.patch_size) ** 2
+    tokens = (config.data.frames + config.data.num_images) * tokens_per_frame
     tflops = model_flops(config, batch).training / seconds / 1e12
     row.update({"ms/step": seconds * 1e3, "samples/s": batch / seconds, "tokens/s": batch * tokens / seconds,
                 "TFLOP/s": tflops})

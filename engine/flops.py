@@ -101,7 +101,8 @@ def block_flops(g: TokenGeometry, spatial: bool) -> dict[str, float]:
         "mlp": linear_flops(tokens, d, g.mlp_hidden) + linear_flops(tokens, g.mlp_hidden, d),
     }
     if spatial and g.kind == "t2v":
-        parts["cross_attention"] = (linear_flops(tokens, d, d) + linear_flops(g.context_rows * g.caption_length, d, 2 * d)
+        context_tokens = g.context_rows * g.caption_length
+        parts["cross_attention"] = (linear_flops(tokens, d, d) + linear_flops(context_tokens, d, 2 * d)
                                     + attention_flops(rows, length, g.caption_length, d) + linear_flops(tokens, d, d))
     if g.kind == "class":  # adaLN-Zero: each block maps the condition [B, D] to 6 vectors
         parts["modulation"] = linear_flops(g.batch, d, 6 * d)
@@ -114,7 +115,8 @@ def conditioning_flops(g: TokenGeometry) -> float:
     flops = linear_flops(b, TIMESTEP_FEATURES, d) + linear_flops(b, d, d)
     if g.kind == "t2v":
         captions = b * (1 + g.images) * g.caption_length
-        flops += linear_flops(b, d, 6 * d) + linear_flops(captions, g.caption_channels, d) + linear_flops(captions, d, d)
+        flops += linear_flops(b, d, 6 * d)  # adaLN-single
+        flops += linear_flops(captions, g.caption_channels, d) + linear_flops(captions, d, d)
         flops += linear_flops(b, d, d) if g.pooled_caption else 0.0
     return flops
 

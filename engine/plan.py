@@ -36,7 +36,7 @@ import torch
 
 from .checkpointing import CHECKPOINTING_MODES
 from .config import PRESETS, ConfigError, build_config
-from .flops import TIMESTEP_FEATURES, TokenGeometry, checkpointed_blocks, model_flops, recompute_flops, token_geometry
+from .flops import TIMESTEP_FEATURES, TokenGeometry, model_flops, recompute_flops, token_geometry
 
 GIB = 2**30
 FP32 = 4
@@ -347,7 +347,7 @@ def gradients_in_flight(g: TokenGeometry, saved: SavedBytes) -> int:
 
 
 def attention_workspace(g: TokenGeometry, saved: SavedBytes, probabilities: bool) -> int:
-    """Attention backward's scratch: the fp32 dq accumulator and row sums (flash-style) or the score gradients (math)."""
+    """Attention backward's scratch: fp32 dq accumulator + row sums (flash-style), or score gradients (math)."""
     shapes = [(g.spatial_rows, g.tokens_per_frame, g.tokens_per_frame), (g.temporal_rows, g.frames, g.frames)]
     if g.kind == "t2v":
         shapes.append((g.spatial_rows, g.tokens_per_frame, g.caption_length))

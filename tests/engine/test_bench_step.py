@@ -42,7 +42,8 @@ def test_memory_smoke_matches_planner(tmp_path, capsys):
     assert len(payload["rows"]) == 3 * len(memory_bench.SMOKE_CONFIGS)
     for row in payload["rows"]:
         assert 0.9 < row["planned/measured"] < 1.1, row
-    fits = {(row["config"], row["checkpointing"]): row["planned largest batch (80 GiB)"] for row in payload["planner_fit"]}
+    fits = {(row["config"], row["checkpointing"]): row["planned largest batch (80 GiB)"]
+            for row in payload["planner_fit"]}
     assert fits[("latte-xl2 16x256 class", "full")] > fits[("latte-xl2 16x256 class", "none")] >= 1
     assert "planned/measured" in capsys.readouterr().out
     pytest.importorskip("matplotlib")

@@ -55,7 +55,8 @@ def test_activation_variants_of_tiny_t2v(overrides):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_activations_of_class_model_with_learned_sigma(precision):
-    config = build_config("tiny-class", ["train.batch_size=4", "model.learn_sigma=true", f"train.precision={precision}"])
+    overrides = ["train.batch_size=4", "model.learn_sigma=true", f"train.precision={precision}"]
+    config = build_config("tiny-class", overrides)
     assert within(plan.predict_memory(config, "cpu").activation_bytes, measure_saved_bytes(config))
 
 
@@ -133,8 +134,8 @@ def test_cli_prints_plan_and_fit(capsys):
     assert plan.main(["--preset", "latte-xl2-ucf", "--set", "train.batch_size=2", "--gpu-gb", "40",
                       "--fit", "batch"]) == 0
     out = capsys.readouterr().out
-    for text in ("memory plan: latte-xl2-ucf", "activations saved for backward", "peak allocated", "fits in 40 GiB: yes",
-                 "checkpointing needed: none", "largest batch", "selective-attention"):
+    for text in ("memory plan: latte-xl2-ucf", "activations saved for backward", "peak allocated",
+                 "fits in 40 GiB: yes", "checkpointing needed: none", "largest batch", "selective-attention"):
         assert text in out
     assert plan.main(["--set", "train.nope=1"]) == 2
     assert "train.nope: unknown key" in capsys.readouterr().err
