@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .precision import load_plain_state_dict
 from .weights import plain_state
 
 log = logging.getLogger(__name__)
@@ -94,20 +93,27 @@ def fsync_path(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, ema, training_state: dict, keep_last: int = 2) -> Path:
-    """Write checkpoint `step` atomically (temporary folder, fsync, rename) and prune old ones; returns its folder.
+    """Write checkpoint `step` of a single-process model atomically and prune old ones; returns its folder.
 
     `training_state` holds everything but the weights (optimizer, scheduler, train_state, loader, rng, config).
     keep_last: how many older checkpoints survive next to the new one.
     """
-    root = Path(run_dir) / CHECKPOINTS
+    weights = {"model": plain_state(model)} | ({"ema": plain_state(ema.model)} if ema is not None else {})
+    final = write_checkpoint_folder(checkpoint_dir(run_dir, step), step, weights, training_state)
+    prune_checkpoints(final.parent, keep_last)
+    return final
+
+
+def write_checkpoint_folder(final: Path, step: int, weights: dict[str, dict], training_state: dict) -> Path:
+    """The one atomic writer: <name>.safetensors per entry of `weights` (plain CPU tensors), state.pt, then the
+    manifest of checksums, all in a temporary folder that is fsync'd and renamed to `final`."""
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir(run_dir, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(plain_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if ema is not None:
-        save_file(plain_state(ema.model), str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+    for name, state in weights.items():
+        save_file(state, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
     torch.save(training_state, tmp / STATE)
     if os.environ.get(WRITE_DELAY_ENV):
         time.sleep(float(os.environ[WRITE_DELAY_ENV]))
@@ -125,7 +131,6 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, training_state: dict, 
     else:
         tmp.rename(final)
     fsync_path(root)
-    prune_checkpoints(root, keep_last)
     return final
 
 
@@ -181,16 +186,3 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_training_state(path: Path) -> dict:
     """state.pt of a verified checkpoint: plain containers and tensors only (torch.load weights_only=True)."""
     return torch.load(Path(path) / STATE, map_location="cpu", weights_only=True)
-
-
-def load_checkpoint(path: Path, model, ema=None) -> dict:
-    """Verify checkpoint `path`, load its weights into `model` (and `ema`), return the rest (see save_checkpoint)."""
-    verify_checkpoint(path)
-    path = Path(path)
-    load_plain_state_dict(model, load_file(str(path / "model.safetensors")))
-    if ema is not None:
-        ema_file = path / "ema.safetensors"
-        if not ema_file.is_file():
-            raise CheckpointError(f"checkpoint {path}: the run keeps an EMA but the checkpoint has no ema.safetensors")
-        ema.load_state_dict(load_file(str(ema_file)))
-    return load_training_state(path)

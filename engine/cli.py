@@ -14,6 +14,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
+        probe = run_dir / f".write_probe-{os.getpid()}"  # per process: torchrun ranks probe at the same time
         probe.write_text("")
         probe.unlink()
     except OSError as error:
@@ -141,6 +142,8 @@ def prepare(args):
             check_loggers(config)
             return config, run_dir, checkpoint
     config = build_config(args.preset or "tiny-t2v", args.overrides)
+    if args.out is None and "WORLD_SIZE" in os.environ:
+        raise ConfigError("--out: required under torchrun, so that every rank writes to the same run folder")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = args.out or Path("runs") / f"{config.preset}-{stamp}"
     check_loggers(config)
@@ -150,7 +153,9 @@ def prepare(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config, run_dir, checkpoint = prepare(args)
     except ConfigError as error:
@@ -158,10 +163,14 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     import torch  # noqa: PLC0415 - heavy imports only once the arguments are known to be good
 
+    from .distributed import DistributedError  # noqa: PLC0415
     from .train import TrainingFault, train  # noqa: PLC0415
 
     try:
         state = train(config, run_dir, resume=checkpoint)
+    except DistributedError as error:  # e.g. dist.strategy=ddp without torchrun: a setup mistake, nothing trained
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (TrainingFault, torch.OutOfMemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAULT
@@ -169,5 +178,6 @@ def main(argv=None) -> int:
         print(f"stopped by {state.stopped_by} at step {state.step}; resume with: "
               f"python train.py --resume auto --out {run_dir}", file=sys.stderr)
         return 128 + signal.Signals[state.stopped_by].value
-    print(f"run written to {run_dir}")
+    if main_rank:
+        print(f"run written to {run_dir}")
     return 0

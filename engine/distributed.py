@@ -31,10 +31,8 @@ switch to sharded DCP files instead.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -50,7 +48,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import FORMAT_VERSION, MANIFEST, STATE, CheckpointError, fsync_path, sha256_of, verify_checkpoint
+from .checkpoint import STATE, CheckpointError, verify_checkpoint, write_checkpoint_folder
 from .precision import EXTRA_STATE_SUFFIX, plain_tensor
 from .sampler import ResumableSampler
 
@@ -401,29 +399,9 @@ def save_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     if is_main(info):
         if "optimizer" in extra:
             raise ValueError("save_distributed: `extra` may not use the key 'optimizer' (it holds the optimizer state)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(model_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if ema_state is not None:
-            save_file(ema_state, str(tmp / "ema.safetensors"), metadata={"format": "pt"})
-        torch.save({**extra, "optimizer": optimizer_state, "world_size": info.world_size}, tmp / STATE)
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"format": FORMAT_VERSION, "step": int(extra.get("step", -1)),
-                    "files": {name: sha256_of(tmp / name) for name in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        for name in files + [MANIFEST]:
-            fsync_path(tmp / name)
-        fsync_path(tmp)
-        if path.exists():
-            stale = path.parent / f".old-{path.name}-{os.getpid()}"
-            path.rename(stale)
-            tmp.rename(path)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            tmp.rename(path)
-        fsync_path(path.parent)
+        weights = {"model": model_state} | ({"ema": ema_state} if ema_state is not None else {})
+        training_state = {**extra, "optimizer": optimizer_state, "world_size": info.world_size}
+        write_checkpoint_folder(path, int(extra.get("step", -1)), weights, training_state)
     barrier(info)
     return path
 

@@ -14,9 +14,14 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, log_config=None, run_config: dict | None = None):
+    """enabled=False (ranks other than 0 under torchrun) makes every call a no-op: one process writes the logs."""
+
+    def __init__(self, run_dir: Path, log_config=None, run_config: dict | None = None, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
         self.tensorboard = self.wandb = None
+        if not enabled:
+            return
         if log_config is not None and log_config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional ([log] extra)
 
@@ -25,6 +30,8 @@ class MetricsLog:
             self.wandb = start_wandb(Path(run_dir), log_config.wandb_project, run_config)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()

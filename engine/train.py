@@ -19,24 +19,28 @@ import resource
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .build import build_training_model, latent_geometry, resolve_device
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .build import build_plain_model, build_training_model, latent_geometry
+from .checkpoint import checkpoint_dir, prune_checkpoints, rng_state, set_rng_state
 from .config import config_to_dict
 from .datasets import build_dataset, build_loader
 from .diffusion import Diffusion
 from .metrics import MetricsLog, truncate_metrics
+from .plan import predict_memory
+from .profiling import profile_steps
 from .sample import sample_videos, validation_prompts, write_samples
-from .sampler import ResumableSampler
+from .distributed import (DistInfo, RankSampler, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
+                          barrier, destroy_distributed, export_weights, first_sample_index, global_batch_size,
+                          global_data_state, init_distributed, is_main, load_distributed, local_data_state,
+                          plain_module_on_main, save_distributed, sync_context)
 from .text_encoder import build_text_encoder
 from .vae import build_vae
-from .weights import save_weights
 
 log = logging.getLogger(__name__)
 
@@ -140,32 +144,26 @@ def micro_step_loss(model, diffusion, precision, latents, conditions, first_inde
     return diffusion.training_loss(output.float(), latents, noise, x_t, timesteps).mean()
 
 
-def sync_context(model, is_last_micro: bool):
-    """The context one micro-batch's forward + backward runs in. DDP/FSDP all-reduce gradients during backward; only
-    the last micro-batch of an optimizer step needs that, the earlier ones would sync partial sums for nothing, so
-    they run under the wrapper's no_sync(). A plain module has nothing to skip."""
-    if is_last_micro or not hasattr(model, "no_sync"):
-        return nullcontext()
-    return model.no_sync()
-
-
-def accumulate_gradients(model, batches, encoders, diffusion, precision, state, config, device) -> float:
-    """Forward + backward of grad_accum micro-batches into .grad; returns the mean loss of the optimizer step."""
+def accumulate_gradients(model, batches, encoders, diffusion, precision, state, config, device,
+                         info: DistInfo) -> float:
+    """Forward + backward of grad_accum micro-batches into .grad; returns the step's mean loss over all ranks."""
     train_cfg = config.train
     loss_sum = torch.zeros((), device=device)
     for micro in range(train_cfg.grad_accum):
         latents, conditions = encode_batch(next(batches), encoders, config, device)
-        # Sample i of the run is always sample i, whichever micro-batch (or resumed run) it lands in. (Under DDP the
-        # index will also need this rank's offset; the loader's sampler already shards by rank.)
-        first_index = state.samples_seen + micro * train_cfg.batch_size
+        # Sample i of the run is always sample i, whichever micro-batch, rank or resumed run it lands in
+        # (RankSampler hands this rank exactly the samples first_index .. first_index + batch_size - 1).
+        first_index = first_sample_index(state.samples_seen, micro, info, train_cfg.batch_size)
         drop = caption_dropout_mask(latents.shape[0], first_index, train_cfg.seed, train_cfg.cfg_dropout)
         conditions = drop_conditions(conditions, drop, encoders, config)
-        with sync_context(model, micro == train_cfg.grad_accum - 1):  # DDP: sync only on the last micro-batch
+        # DDP/FSDP reduce gradients in backward; only the last micro-batch needs it (nanoGPT's require_backward_grad_sync)
+        with sync_context(model, micro == train_cfg.grad_accum - 1):
             loss = micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config)
             # Each micro-batch mean / grad_accum: the summed gradients are the mean over the whole step's samples.
             (loss / train_cfg.grad_accum).backward()
         loss_sum += loss.detach()  # no .item() here: one host sync per optimizer step, not per micro-batch
-    return float(loss_sum) / train_cfg.grad_accum
+    # Every rank sees the same mean loss, so all ranks agree on skipping a non-finite step.
+    return all_reduce_mean(float(loss_sum) / train_cfg.grad_accum, info)
 
 
 def lr_factor(step: int, train) -> float:
@@ -290,32 +288,40 @@ def write_validation_samples(run_dir: Path, step: int, config, sampling_model, e
     return out_dir
 
 
-def all_finite(*modules) -> bool:
-    return all(bool(torch.isfinite(p).all()) for m in modules if m is not None for p in m.parameters())
+def all_finite(info: DistInfo, *modules) -> bool:
+    """No NaN/inf in any rank's weights (FSDP: each rank checks its own shards)."""
+    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                for m in modules if m is not None for p in m.parameters())
+    return all_reduce_mean(float(local), info) == 1.0
 
 
-def write_checkpoint(run_dir, model, ema, optimizer, scheduler, loader, state: TrainState, config) -> Path:
-    """Everything a resume needs; refuses to save weights that hold a NaN/inf (a poisoned state is never saved)."""
-    if not all_finite(model, ema.model if ema is not None else None):
+def write_checkpoint(run_dir, model, ema, optimizer, scheduler, loader, state: TrainState, config,
+                     info: DistInfo) -> Path:
+    """Everything a resume needs, from any number of ranks (every rank calls it); refuses weights that hold a
+    NaN/inf (a poisoned state is never saved)."""
+    if not all_finite(info, model, ema.model if ema is not None else None):
         raise TrainingFault(f"step {state.step}: the weights hold NaN/inf; not writing a checkpoint over good ones")
-    training_state = {"step": state.step, "train_state": asdict(state), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
-                      "config": json.dumps(config_to_dict(config))}
-    path = save_checkpoint(run_dir, state.step, model, ema, training_state, config.train.keep_last)
-    log.info("checkpoint: %s", path)
+    extra = {"step": state.step, "train_state": asdict(state), "scheduler": scheduler.state_dict(),
+             "loader": global_data_state(loader.state_dict(), info), "rng": rng_state(),
+             "config": json.dumps(config_to_dict(config))}
+    path = save_distributed(checkpoint_dir(run_dir, state.step), model, optimizer, extra,
+                            ema.model if ema is not None else None, info)
+    if is_main(info):
+        prune_checkpoints(path.parent, config.train.keep_last)
+        log.info("checkpoint: %s", path)
     return path
 
 
-def resume_from(path: Path, run_dir: Path, model, ema, optimizer, scheduler, loader) -> TrainState:
-    """Load checkpoint `path` into the built run and cut metrics.jsonl back to its step."""
-    saved = load_checkpoint(path, model, ema)
-    optimizer.load_state_dict(saved["optimizer"])
+def resume_from(path: Path, run_dir: Path, model, ema, optimizer, scheduler, loader, info: DistInfo) -> TrainState:
+    """Load checkpoint `path` (written by any number of ranks) into the built run; cut metrics.jsonl to its step."""
+    saved = load_distributed(path, model, optimizer, ema.model if ema is not None else None, info)
     scheduler.load_state_dict(saved["scheduler"])
-    loader.load_state_dict(saved["loader"])
+    loader.load_state_dict(local_data_state(saved["loader"], info))
     set_rng_state(saved["rng"])
     state = TrainState(**saved["train_state"])
-    dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
-    log.info("resumed from %s at step %d (%d metrics lines after it dropped)", path, state.step, dropped)
+    if is_main(info):
+        dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        log.info("resumed from %s at step %d (%d metrics lines after it dropped)", path, state.step, dropped)
     return state
 
 
@@ -331,42 +337,74 @@ def step_record(state, loss, lr, grad_norm, samples_per_s, tokens_per_sample, de
 
 def train(config, run_dir: Path, resume: Path | None = None) -> TrainState:
     """Train `config` into `run_dir` (config.json, metrics.jsonl, checkpoints/, samples/, weights/), continuing
-    from checkpoint folder `resume` when given. Returns the final TrainState (`stopped_by` set after a signal)."""
-    torch.manual_seed(config.train.seed)
-    device = resolve_device(config.train.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    from checkpoint folder `resume` when given. Under torchrun every rank calls it (dist.strategy); rank 0 writes.
+    Returns the final TrainState (`stopped_by` set after a signal)."""
+    info = init_distributed(config.dist.strategy, config.train.device)
+    try:
+        return train_on_ranks(config, Path(run_dir), resume, info)
+    finally:
+        destroy_distributed()
+
+
+def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -> TrainState:
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank (FSDP shards each rank's copy)
+    device, main = info.device, is_main(info)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
 
     train_cfg = config.train
     dataset = build_dataset(config)
-    sampler = ResumableSampler(len(dataset), seed=train_cfg.seed)
+    sampler = RankSampler(len(dataset), train_cfg.batch_size, train_cfg.seed, info.rank, info.world_size)
     loader = build_loader(dataset, train_cfg.batch_size, sampler, config.data.num_workers, device)
     encoders = build_encoders(config, dataset, device)
     diffusion = Diffusion(config.diffusion)
     model, ema, precision = build_training_model(config, device)
+    # The optimizer, EMA, checkpoints and sampling use `model`; forward + backward go through the DDP/FSDP module.
+    train_model = apply_data_parallel(model, info, mixed_precision=train_cfg.precision != "fp32")
+    if ema is not None:
+        apply_data_parallel_to_ema(ema.model, info)
     optimizer, scheduler = build_optimizer(model, train_cfg)
     state = TrainState()
     if resume is not None:
-        state = resume_from(resume, run_dir, model, ema, optimizer, scheduler, loader)
-    metrics = MetricsLog(run_dir, config.log, config_to_dict(config))
-    log.info("model: %.2fM parameters; run dir %s", sum(p.numel() for p in model.parameters()) / 1e6, run_dir)
+        state = resume_from(resume, run_dir, model, ema, optimizer, scheduler, loader, info)
+    metrics = MetricsLog(run_dir, config.log, config_to_dict(config), enabled=main)
+    samples_per_step = global_batch_size(train_cfg.batch_size, train_cfg.grad_accum, info)
+    if main:
+        log.info("predicted peak memory per process (engine/plan.py):\n%s", predict_memory(config, device.type).format())
+    log.info("model: %.2fM parameters; global batch %d = %d per rank x %d micro-batches x %d ranks (%s); run dir %s",
+             sum(p.numel() for p in model.parameters()) / 1e6, samples_per_step, train_cfg.batch_size,
+             train_cfg.grad_accum, info.world_size, info.strategy, run_dir)
 
     def checkpoint():
-        return write_checkpoint(run_dir, model, ema, optimizer, scheduler, loader, state, config)
+        return write_checkpoint(run_dir, model, ema, optimizer, scheduler, loader, state, config, info)
+
+    def validation_samples():
+        """Rank 0 samples from a plain copy of the EMA weights (gathered under FSDP) while the others wait."""
+        sampling_model = plain_module_on_main(ema.model if ema else model, lambda: build_plain_model(config), info)
+        out_dir = None
+        if main:
+            out_dir = write_validation_samples(run_dir, state.step, config, sampling_model, encoders, diffusion,
+                                               precision, dataset, device, metrics)
+        barrier(info)
+        model.train()
+        return out_dir
 
     batches = iter(loader)
     _, frames_tokens = latent_geometry(config)
     tokens_per_sample = (config.data.frames + config.data.num_images) * (frames_tokens // config.model.patch_size) ** 2
-    samples_per_step = train_cfg.batch_size * train_cfg.grad_accum
     window_start, window_steps = time.perf_counter(), 0
     model.train()
     with StopSignals() as signals, metrics, tqdm(total=train_cfg.max_steps, initial=state.step, desc="train",
-                                                  unit="step", dynamic_ncols=True) as progress:
-        while state.step < train_cfg.max_steps and signals.received is None:
+                                                  unit="step", dynamic_ncols=True, disable=not main) as progress, \
+            profile_steps(run_dir, config.profile.steps if main else 0) as profiler:
+        while state.step < train_cfg.max_steps and not stop_requested(signals, info):
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
             with explain_out_of_memory(config):
-                loss = accumulate_gradients(model, batches, encoders, diffusion, precision, state, config, device)
+                loss = accumulate_gradients(train_model, batches, encoders, diffusion, precision, state, config,
+                                            device, info)
                 grad_norm, stepped = optimizer_step(model, optimizer, scheduler, ema, state, train_cfg, loss)
+            profiler.step()
             state.samples_seen += samples_per_step  # consumed even when skipped: a resume must not replay them
             if not stepped:
                 count_bad_step(state, metrics, loss, grad_norm, train_cfg.max_bad_steps)
@@ -375,6 +413,8 @@ def train(config, run_dir: Path, resume: Path | None = None) -> TrainState:
             state.step += 1
             window_steps += 1
             progress.update(1)
+            if state.step == 2 and device.type == "cuda" and main:  # the planner's prediction, checked
+                log.info("measured peak memory after 2 steps: %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
             if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
                 samples_per_s = window_steps * samples_per_step / (time.perf_counter() - window_start)
                 metrics.write(step_record(state, loss, lr, grad_norm, samples_per_s, tokens_per_sample, device))
@@ -383,17 +423,19 @@ def train(config, run_dir: Path, resume: Path | None = None) -> TrainState:
             if train_cfg.ckpt_every and state.step % train_cfg.ckpt_every == 0 and state.step < train_cfg.max_steps:
                 checkpoint()
             if train_cfg.sample_every and state.step % train_cfg.sample_every == 0 and state.step < train_cfg.max_steps:
-                write_validation_samples(run_dir, state.step, config, ema.model if ema else model, encoders, diffusion,
-                                         precision, dataset, device, metrics)
-                model.train()
+                validation_samples()
         progress.close()
         path = checkpoint()
-        if signals.received is not None:
-            state.stopped_by = signal.Signals(signals.received).name
+        if signals.received is not None or stop_requested(signals, info):
+            state.stopped_by = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
             log.warning("stopped by %s at step %d; checkpoint %s", state.stopped_by, state.step, path)
             return state
-        save_weights(run_dir / "weights", model, ema)
-        out_dir = write_validation_samples(run_dir, state.step, config, ema.model if ema else model, encoders,
-                                           diffusion, precision, dataset, device, metrics)
+        export_weights(run_dir / "weights", model, ema.model if ema else None, info)
+        out_dir = validation_samples()
     log.info("done: %d steps; samples in %s", state.step, out_dir)
     return state
+
+
+def stop_requested(signals: StopSignals, info: DistInfo) -> bool:
+    """Whether any rank got SIGINT/SIGTERM: all ranks must stop at the same step, or their collectives hang."""
+    return all_reduce_mean(float(signals.received is not None), info) > 0

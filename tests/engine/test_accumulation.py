@@ -2,7 +2,6 @@
 samples and noise); clip / optimizer step / LR schedule / EMA / step counter once per optimizer step; the DDP
 no_sync hook skips all but the last micro-batch; classifier-free-guidance dropout is per sample and at its rate."""
 import json
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -62,25 +61,6 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, monkeypatch):
     assert moved > 0
     # DDP hook: gradient sync skipped on the first k-1 micro-batches of every optimizer step, done on the last.
     assert calls == [False, False, False, True] * 3
-
-
-def test_sync_context_uses_no_sync_only_before_the_last_micro_batch():
-    plain = torch.nn.Linear(2, 2)
-    assert isinstance(sync_context(plain, is_last_micro=False), nullcontext)
-
-    class FakeDDP(torch.nn.Module):
-        entered = 0
-
-        def no_sync(self):
-            FakeDDP.entered += 1
-            return nullcontext()
-
-    wrapped = FakeDDP()
-    with sync_context(wrapped, is_last_micro=False):
-        pass
-    assert FakeDDP.entered == 1
-    assert isinstance(sync_context(wrapped, is_last_micro=True), nullcontext)
-    assert FakeDDP.entered == 1
 
 
 def test_lr_schedule_warmup_then_constant_or_cosine():

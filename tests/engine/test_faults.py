@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ristretto.engine import train as train_module
+from ristretto.engine.distributed import init_distributed
 from ristretto.engine.build import build_training_model
 from ristretto.engine.checkpoint import latest_checkpoint, list_checkpoints, load_training_state, verify_checkpoint
 from ristretto.engine.cli import main as cli_main
@@ -98,7 +99,8 @@ def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path):
     with torch.no_grad():
         next(model.parameters())[0] = float("nan")
     with pytest.raises(TrainingFault, match="NaN"):
-        train_module.write_checkpoint(tmp_path, model, ema, optimizer, scheduler, None, TrainState(step=3), config)
+        train_module.write_checkpoint(tmp_path, model, ema, optimizer, scheduler, None, TrainState(step=3), config,
+                                      init_distributed("none", "cpu"))
     assert not list_checkpoints(tmp_path)
 
 
