@@ -6,7 +6,8 @@ Small functions the loop calls (torchtitan-style `apply_*`, plain arguments, no 
     model, ema, precision = build_training_model(config, info.device)
     train_model = apply_data_parallel(model, info, mixed_precision=config.train.precision != "fp32")
     apply_data_parallel_to_ema(ema.model, info)             # FSDP: shard the EMA like the model (same names)
-    sampler = RankSampler(len(dataset), config.train.batch_size, seed, info.rank, info.world_size)
+    sampler = ResumableSampler(len(dataset), seed, rank=info.rank, world_size=info.world_size,
+                               block=config.train.batch_size)
     ... per micro-batch:  first = first_sample_index(state.samples_seen, micro, info, batch_size)
                           with sync_context(train_model, micro == grad_accum - 1): forward + backward
     ... once per step:    optimizer_step(model, ...)   # the unwrapped module: same Parameters, plain names
@@ -20,7 +21,7 @@ already in place, blocks already compiled). DDP likewise wraps the finished mode
 
 Global batch = per-rank batch x grad_accum x world_size. The per-sample randomness (noise, timestep, caption dropout;
 engine/train.py keys it by a sample's global index) and the data must agree across world sizes: see
-`global_sample_index` and `RankSampler`.
+`global_sample_index` and `ResumableSampler(block=batch_size)`.
 
 Checkpoints (`save_distributed` / `load_distributed`) gather full, plain state dicts on rank 0 through
 torch.distributed.checkpoint.state_dict (get/set_model_state_dict, get/set_optimizer_state_dict, FQN-keyed), write
@@ -50,7 +51,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import STATE, CheckpointError, verify_checkpoint, write_checkpoint_folder
 from .precision import EXTRA_STATE_SUFFIX, plain_tensor
-from .sampler import ResumableSampler
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 #
 # so (a) over all m, r, row the step covers exactly s*G .. s*G + G - 1 (the same samples as the 1-process step),
 # (b) each micro-batch's indices are contiguous, which is what train.py's draw_timesteps_and_noise(first_index)
-# and caption_dropout_mask(first_index) expect, and (c) RankSampler hands rank r exactly the items order[g] of those
-# indices. Together: every sample sees the same data, noise, timestep and dropout as in the 1-process run, the
+# and caption_dropout_mask(first_index) expect, and (c) ResumableSampler(block=b) hands rank r exactly the items
+# order[g] of those indices. Together: every sample sees the same data, noise, timestep and dropout as in the 1-process run, the
 # gradient is the mean over the same G samples, and the parameters agree up to float summation order.
 
 def global_batch_size(batch_size: int, grad_accum: int, info: DistInfo) -> int:
@@ -286,38 +286,6 @@ def first_sample_index(samples_seen: int, micro: int, info: DistInfo, batch_size
     """Index of row 0 of this rank's micro-batch `micro`, when `samples_seen` (all ranks) were consumed before the
     step: what train.py passes as `first_index` to caption_dropout_mask and micro_step_loss."""
     return samples_seen + (micro * info.world_size + info.rank) * batch_size
-
-
-class RankSampler(ResumableSampler):
-    """This rank's share of the seeded epoch order, in micro-batch-sized blocks: rank r takes blocks r, r+N, r+2N...
-
-    With N = 1 (or block = 1) it is ResumableSampler's order[rank::world]. With block = per-rank batch size, the
-    k-th sample rank r yields is order[(k // b) * b*N + r*b + k % b], i.e. global index g of `global_sample_index`.
-    An epoch keeps the largest multiple of b*N samples (the tail is dropped, like DistributedSampler's drop_last), so
-    N ranks and 1 process see the same epochs when the dataset size is a multiple of b*N.
-    state_dict() is (epoch, this rank's position); `global_data_state` / `local_data_state` convert it for
-    checkpoints that another world size resumes.
-    """
-
-    def __init__(self, dataset_size: int, block: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
-        if dataset_size < block * world_size:
-            raise ValueError(f"dataset has {dataset_size} samples, fewer than one global micro-batch of {block} "
-                             f"x {world_size} ranks")
-        super().__init__(dataset_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
-        self.block = block
-
-    def per_rank(self) -> int:
-        return self.dataset_size // (self.block * self.world_size) * self.block
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            order = list(range(self.dataset_size))
-        else:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(self.dataset_size, generator=generator).tolist()
-        b, n = self.block, self.world_size
-        return [order[(k // b) * b * n + self.rank * b + k % b] for k in range(self.per_rank())]
 
 
 def global_data_state(loader_state: dict, info: DistInfo) -> dict:

@@ -4,17 +4,25 @@ from torch.utils.data import Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    """Seeded permutation per epoch; yields this rank's share from `position` on. state_dict() = (epoch, position)."""
+    """Seeded permutation per epoch; yields this rank's share from `position` on. state_dict() = (epoch, position).
 
-    def __init__(self, dataset_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
-        if dataset_size < world_size:
-            raise ValueError(f"dataset has {dataset_size} samples, fewer than the {world_size} ranks that share it")
+    Ranks take the epoch order in blocks of `block` (the per-rank micro-batch): rank r takes blocks r, r+N, r+2N...
+    so the k-th sample rank r yields is order[(k // b) * b*N + r*b + k % b], the run-wide sample index that
+    engine/distributed.global_sample_index gives it (block = 1 is the plain order[rank::N] split). An epoch keeps the
+    largest multiple of b*N samples, so N ranks and one process see the same epochs when the size divides evenly.
+    """
+
+    def __init__(self, dataset_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 block: int = 1):
+        if dataset_size < block * world_size:
+            raise ValueError(f"dataset has {dataset_size} samples, fewer than one global micro-batch of {block} "
+                             f"x {world_size} ranks")
         self.dataset_size, self.seed, self.shuffle = dataset_size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.block = rank, world_size, block
         self.epoch, self.position = 0, 0  # position counts samples this rank has yielded in the current epoch
 
     def per_rank(self) -> int:
-        return self.dataset_size // self.world_size
+        return self.dataset_size // (self.block * self.world_size) * self.block
 
     def epoch_order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -22,7 +30,8 @@ class ResumableSampler(Sampler[int]):
         else:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.dataset_size, generator=generator).tolist()
-        return order[self.rank : self.per_rank() * self.world_size : self.world_size]
+        b, n = self.block, self.world_size
+        return [order[(k // b) * b * n + self.rank * b + k % b] for k in range(self.per_rank())]
 
     def __iter__(self):
         # Endless: the train loop counts optimizer steps, not epochs.

@@ -35,10 +35,11 @@ from .metrics import MetricsLog, truncate_metrics
 from .plan import predict_memory
 from .profiling import profile_steps
 from .sample import sample_videos, validation_prompts, write_samples
-from .distributed import (DistInfo, RankSampler, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
+from .distributed import (DistInfo, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
                           barrier, destroy_distributed, export_weights, first_sample_index, global_batch_size,
                           global_data_state, init_distributed, is_main, load_distributed, local_data_state,
                           plain_module_on_main, save_distributed, sync_context)
+from .sampler import ResumableSampler
 from .text_encoder import build_text_encoder
 from .vae import build_vae
 
@@ -152,7 +153,7 @@ def accumulate_gradients(model, batches, encoders, diffusion, precision, state, 
     for micro in range(train_cfg.grad_accum):
         latents, conditions = encode_batch(next(batches), encoders, config, device)
         # Sample i of the run is always sample i, whichever micro-batch, rank or resumed run it lands in
-        # (RankSampler hands this rank exactly the samples first_index .. first_index + batch_size - 1).
+        # (the sampler, in blocks of batch_size, hands this rank exactly the samples first_index .. first_index + batch_size - 1).
         first_index = first_sample_index(state.samples_seen, micro, info, train_cfg.batch_size)
         drop = caption_dropout_mask(latents.shape[0], first_index, train_cfg.seed, train_cfg.cfg_dropout)
         conditions = drop_conditions(conditions, drop, encoders, config)
@@ -355,7 +356,8 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
 
     train_cfg = config.train
     dataset = build_dataset(config)
-    sampler = RankSampler(len(dataset), train_cfg.batch_size, train_cfg.seed, info.rank, info.world_size)
+    sampler = ResumableSampler(len(dataset), train_cfg.seed, rank=info.rank, world_size=info.world_size,
+                               block=train_cfg.batch_size)
     loader = build_loader(dataset, train_cfg.batch_size, sampler, config.data.num_workers, device)
     encoders = build_encoders(config, dataset, device)
     diffusion = Diffusion(config.diffusion)

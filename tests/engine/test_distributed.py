@@ -21,6 +21,7 @@ from ristretto.engine.build import build_plain_model, build_training_model
 from ristretto.engine.config import build_config
 from ristretto.engine.datasets import build_dataset, build_loader
 from ristretto.engine.diffusion import Diffusion
+from ristretto.engine.sampler import ResumableSampler
 from ristretto.engine.train import (TrainState, build_encoders, build_optimizer, caption_dropout_mask,
                                     drop_conditions, encode_batch, micro_step_loss, optimizer_step)
 
@@ -54,7 +55,8 @@ class Run:
         D.apply_data_parallel_to_ema(self.ema.model, info)
         self.optimizer, self.scheduler = build_optimizer(self.model, train)
         dataset = build_dataset(config)
-        self.sampler = D.RankSampler(len(dataset), train.batch_size, train.seed, info.rank, info.world_size)
+        self.sampler = ResumableSampler(len(dataset), train.seed, rank=info.rank, world_size=info.world_size,
+                                        block=train.batch_size)
         self.loader = build_loader(dataset, train.batch_size, self.sampler)
         self.encoders = build_encoders(config, dataset, info.device)
         self.diffusion = Diffusion(config.diffusion)
@@ -291,16 +293,16 @@ def test_setup_errors_are_one_line(monkeypatch):
 
 
 def test_global_sample_index_covers_the_one_process_step():
-    """Over ranks, micro-batches and rows, step s covers exactly the 1-process step's indices; RankSampler gives each
+    """Over ranks, micro-batches and rows, step s covers exactly the 1-process step's indices; ResumableSampler(block=b) gives each
     rank the data items of its indices (order[g]), so data and per-sample noise match the 1-process run."""
     b, accum, world, size = 3, 2, 2, 30
     for step in range(2):
         indices = [D.global_sample_index(step, m, r, row, b, accum, world)
                    for m in range(accum) for r in range(world) for row in range(b)]
         assert sorted(indices) == list(range(step * b * accum * world, (step + 1) * b * accum * world))
-    one = D.RankSampler(size, b * world, seed=3).epoch_order(0)
+    one = ResumableSampler(size, seed=3, block=b * world).epoch_order(0)
     for rank in range(world):
-        share = D.RankSampler(size, b, seed=3, rank=rank, world_size=world).epoch_order(0)
+        share = ResumableSampler(size, seed=3, rank=rank, world_size=world, block=b).epoch_order(0)
         for k, item in enumerate(share):
             step, within = divmod(k, b * accum)
             micro, row = divmod(within, b)
