@@ -1,0 +1,70 @@
+"""The diffusion process: targets, loss weights, and the learned-sigma variational-bound term."""
+import pytest
+import torch
+
+from ristretto.engine.config import DiffusionConfig
+from ristretto.engine.diffusion import Diffusion
+
+
+def batch(seed=0, shape=(3, 2, 4, 4, 4)):
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(shape, generator=generator) * 2 - 1
+    noise = torch.randn(shape, generator=generator)
+    return x0, noise
+
+
+def test_vb_term_is_zero_for_the_true_mean_and_posterior_variance():
+    diffusion = Diffusion(DiffusionConfig())
+    x0, noise = batch()
+    timesteps = torch.tensor([1, 400, 999])
+    x_t = diffusion.add_noise(x0, noise, timesteps)
+    # The true epsilon gives the true posterior mean; variance value -1 selects the posterior variance (lower end).
+    vb = diffusion.variational_bound(noise, -torch.ones_like(noise), x0, x_t, timesteps)
+    assert vb.abs().max() < 1e-4
+    wrong = diffusion.variational_bound(noise, torch.ones_like(noise), x0, x_t, timesteps)
+    # The other end of the learned range costs bits, most at small t where beta and the posterior variance differ.
+    assert (wrong > 0).all() and wrong[0] > 1e-2
+
+
+def test_vb_term_at_t0_is_the_decoder_nll_and_trains_only_the_variance():
+    diffusion = Diffusion(DiffusionConfig())
+    x0, noise = batch(1)
+    timesteps = torch.zeros(3, dtype=torch.long)
+    x_t = diffusion.add_noise(x0, noise, timesteps)
+    output = torch.cat([noise + 0.1, torch.zeros_like(noise)], dim=2).requires_grad_(True)
+    loss = diffusion.training_loss(output, x0, noise, x_t, timesteps)
+    assert (loss > 0).all()
+    grad_mean, grad_var = torch.autograd.grad(loss.sum(), output)[0].split(4, dim=2)
+    # The mean channels get only the MSE gradient 2 * 0.1 / (elements per sample): the VB term sees a frozen mean.
+    torch.testing.assert_close(grad_mean, torch.full_like(grad_mean, 0.2 / noise[0].numel()))
+    assert grad_var.abs().max() > 0
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_target_matches_diffusers_definition(prediction):
+    diffusion = Diffusion(DiffusionConfig(prediction=prediction))
+    x0, noise = batch(2)
+    timesteps = torch.tensor([0, 500, 999])
+    target = diffusion.target(x0, noise, timesteps)
+    if prediction == "epsilon":
+        assert torch.equal(target, noise)
+    else:
+        alpha = diffusion.alphas_cumprod[timesteps].float().view(-1, 1, 1, 1, 1)
+        torch.testing.assert_close(target, alpha.sqrt() * noise - (1 - alpha).sqrt() * x0)
+
+
+def test_min_snr_weights_clip_low_noise_steps():
+    eps = Diffusion(DiffusionConfig(loss_weighting="min_snr"))
+    timesteps = torch.tensor([0, 999])
+    weights = eps.loss_weights(timesteps)
+    assert weights[0] < 0.01 and weights[1] == pytest.approx(1.0)  # high SNR down-weighted, low SNR kept
+    assert torch.equal(Diffusion(DiffusionConfig()).loss_weights(timesteps), torch.ones(2))
+
+
+def test_zero_terminal_snr_samples_from_the_last_timestep():
+    diffusion = Diffusion(DiffusionConfig(schedule="squaredcos_cap_v2", rescale_zero_snr=True,
+                                          prediction="v_prediction"))
+    assert diffusion.alphas_cumprod[-1] < 1e-6
+    sampler = diffusion.sampler()
+    sampler.set_timesteps(10)
+    assert int(sampler.timesteps[0]) == 999
