@@ -9,7 +9,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: the tests' tensors are tiny (thread overhead dominates), and OpenMP threads that spin-wait for a busy
+# core make a shared CI machine 10-50x slower. Subprocesses (train.py, torchrun) inherit it through the environment.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
