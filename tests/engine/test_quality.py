@@ -73,3 +73,4 @@ def test_short_run_scores_above_chance_on_colour(tmp_path, capsys):
 def test_cli_names_a_missing_run(tmp_path, capsys):
     assert quality.main(["--run", str(tmp_path / "nothing")]) == 2
     assert "config.json" in capsys.readouterr().err
+
