@@ -85,6 +85,9 @@ class DataConfig:
     """Stop when more than this fraction of one batch's draws are unreadable."""
     synthetic_size: int = 4096
     """Number of distinct synthetic clips per epoch."""
+    synthetic_entering: bool = False
+    """Synthetic objects enter from the edge they move away from at top speed (one trajectory per direction),
+    instead of a random start and speed."""
 
 
 @dataclass
@@ -173,6 +176,9 @@ class SampleConfig:
     """Fixed seed for validation noise."""
     fps: int = 8
     """Frame rate of written videos."""
+    quality_seeds: int = 0
+    """Synthetic text-to-video only: at each validation, also sample every held-out caption with this many seeds and
+    log colour / direction / shape accuracy (bench/quality.py) to metrics.jsonl (0 = off)."""
 
 
 @dataclass
@@ -296,6 +302,7 @@ def synthetic_proof() -> RunConfig:
     config.diffusion.prediction, config.diffusion.guidance_scale = "v_prediction", 1.5
     config.train.max_steps, config.train.lr, config.train.batch_size = 2000, 2e-3, 16
     config.train.sample_every = 1000
+    config.sample.quality_seeds = 2
     return config
 
 
@@ -399,6 +406,12 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"train.ema_decay: expected a value in [0, 1), got {train.ema_decay}")
     if config.diffusion.rescale_zero_snr and config.diffusion.prediction != "v_prediction":
         raise ConfigError("diffusion.rescale_zero_snr: needs diffusion.prediction=v_prediction (epsilon is undefined at zero SNR)")
+    if config.sample.quality_seeds and (model.kind != "t2v" or data.kind != "synthetic"):
+        raise ConfigError("sample.quality_seeds: the automatic score reads synthetic text-to-video samples; needs "
+                          f"model.kind=t2v and data.kind=synthetic (got {model.kind}, {data.kind})")
+    if train.precision == "fp8-te" and train.fp8_recipe in ("default", "delayed") and train.compile:
+        raise ConfigError("train.compile: Transformer Engine's delayed-scaling FP8 recipe does not run under "
+                          "torch.compile; use train.fp8_recipe=current, or train.compile=false")
     if data.num_images < 0:
         raise ConfigError(f"data.num_images: must be >= 0, got {data.num_images}")
     return config

@@ -111,14 +111,20 @@ def _word_pairs(caption: str) -> list[tuple[str, str]]:
 
 # --------------------------------------------------------------------------------------------------------- rendering
 
-def render_clip(caption: str, frames: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
-    """[frames, 3, H, W] in [-1, 1]: the caption's object on black, moving its way; deterministic given `generator`."""
+def render_clip(caption: str, frames: int, resolution: int, generator: torch.Generator,
+                entering: bool = False) -> torch.Tensor:
+    """[frames, 3, H, W] in [-1, 1]: the caption's object on black, moving its way; deterministic given `generator`.
+    entering=True: the object starts at the edge it moves away from, centred across, at top speed (one trajectory
+    per direction and size, instead of a random start and speed)."""
     colour, shape, direction = parse_caption(caption)
     half = resolution * _uniform(generator, *_SIZE_RANGE)
     room = resolution - 2 * half  # span the centre may cover with the whole object in view
-    speed = resolution / 32 * _uniform(generator, *_SPEED_RANGE)
+    speed = resolution / 32 * (_SPEED_RANGE[1] if entering else _uniform(generator, *_SPEED_RANGE))
     travel = min(speed * (frames - 1), room)
-    along, across = _uniform(generator, 0, room - travel) + half, _uniform(generator, 0, room) + half
+    if entering:
+        along, across = half, resolution / 2
+    else:
+        along, across = _uniform(generator, 0, room - travel) + half, _uniform(generator, 0, room) + half
     steps = np.arange(frames) * (travel / max(frames - 1, 1))
     dx, dy = _DIRECTION_VECTORS[direction]
     if dx:  # `along` is measured from the edge the object moves away from
@@ -166,8 +172,9 @@ class SyntheticClips(Dataset):
     """
 
     def __init__(self, frames: int, resolution: int, size: int = 4096, seed: int = 0,
-                 captions: list[str] | None = None, num_images: int = 0):
+                 captions: list[str] | None = None, num_images: int = 0, entering: bool = False):
         self.frames, self.resolution, self.size, self.seed, self.num_images = frames, resolution, size, seed, num_images
+        self.entering = entering  # see render_clip
         self.captions = list(captions) if captions is not None else split_captions()[0]
         if not self.captions:
             raise ValueError("SyntheticClips: no captions to draw from (captions=[])")
@@ -183,7 +190,7 @@ class SyntheticClips(Dataset):
         # torch's CPU generator keeps only a seed's low 32 bits: pack (seed, index) into them, unique below 1e6 items.
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**32)
         caption = self._draw_caption(generator)
-        video = render_clip(caption, self.frames, self.resolution, generator)
+        video = render_clip(caption, self.frames, self.resolution, generator, self.entering)
         image_captions = [self._draw_caption(generator) for _ in range(self.num_images)]
         stills = [render_clip(c, 1, self.resolution, generator) for c in image_captions]
         return {"video": torch.cat([video, *stills]), "caption": caption,

@@ -388,6 +388,8 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
         if main:
             out_dir = write_validation_samples(run_dir, state.step, config, sampling_model, encoders, diffusion,
                                                precision, dataset, device, metrics)
+            if config.sample.quality_seeds:
+                log_quality(config, state.step, sampling_model, encoders, diffusion, precision, device, metrics)
         barrier(info)
         model.train()
         return out_dir
@@ -436,6 +438,17 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
         out_dir = validation_samples()
     log.info("done: %d steps; samples in %s", state.step, out_dir)
     return state
+
+
+def log_quality(config, step, sampling_model, encoders, diffusion, precision, device, metrics) -> None:
+    """The synthetic task's automatic score (held-out captions): colour / direction / shape accuracy."""
+    from ristretto.bench.quality import quality_metrics  # noqa: PLC0415 - only synthetic runs need the scorer
+
+    scores = quality_metrics(config, sampling_model, encoders.vae, encoders.text_encoder, diffusion, device,
+                             seeds=config.sample.quality_seeds, autocast=precision.autocast)
+    metrics.write({"step": step, **{f"quality/{key}": value for key, value in scores.items()}})
+    log.info("step %d held-out quality: colour %.0f%%, direction %.0f%%, shape %.0f%%", step,
+             100 * scores["colour_accuracy"], 100 * scores["direction_accuracy"], 100 * scores["shape_accuracy"])
 
 
 def stop_requested(signals: StopSignals, info: DistInfo) -> bool:

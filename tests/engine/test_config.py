@@ -37,10 +37,23 @@ def test_overrides_are_parsed_by_field_type():
     ("data.resolution=30", "data.resolution: 30 must be divisible by model.patch_size"),
     ("train.cfg_dropout=1.5", "train.cfg_dropout"),
     ("train.lr", "expected key=value"),
+    ("sample.quality_seeds=2", None),  # fine on the default synthetic t2v preset
 ])
 def test_bad_overrides_name_the_key(assignment, message):
+    if message is None:
+        build_config("tiny-t2v", [assignment])
+        return
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         build_config("tiny-t2v", [assignment])
+
+
+@pytest.mark.parametrize("preset, assignments, message", [
+    ("tiny-class", ["sample.quality_seeds=2"], "sample.quality_seeds: the automatic score"),
+    ("tiny-t2v", ["train.precision=fp8-te", "train.compile=true"], "train.compile: Transformer Engine"),
+])
+def test_cross_field_rules_name_the_field(preset, assignments, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(preset, assignments)
 
 
 def test_unknown_preset_is_named():
