@@ -169,3 +169,19 @@ def test_load_video_reads_gif(tmp_path):
     assert score_video(loaded) == {"colour": "yellow", "direction": "right", "shape": "circle"}
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
         load_video(tmp_path / "missing.mp4")
+
+
+def test_entering_motion_starts_at_the_far_edge_on_one_trajectory_per_direction():
+    for direction in DIRECTIONS:
+        caption = caption_for("green", "square", direction)
+        clips = [render_clip(caption, 8, 16, torch.Generator().manual_seed(seed), entering=True) for seed in (1, 2)]
+        assert score_video(clips[0])["direction"] == direction
+        # Only the size is random: the first frames' centroids agree to within the size difference.
+        centroids = []
+        for clip in clips:
+            mask = (clip[0] > -0.5).any(dim=0).float()  # [H, W] object pixels of frame 0
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            centroids.append((xs.float().mean().item(), ys.float().mean().item()))
+        assert abs(centroids[0][0] - centroids[1][0]) < 1.5 and abs(centroids[0][1] - centroids[1][1]) < 1.5
+        start = centroids[0][0] if direction in ("left", "right") else centroids[0][1]
+        assert (start < 8) == (direction in ("right", "down"))  # starts on the side it moves away from
