@@ -106,6 +106,10 @@ class DiffusionConfig:
     """What the model predicts: epsilon | v_prediction."""
     loss_weighting: str = "none"
     """Per-timestep loss weights: none | min_snr (gamma 5)."""
+    high_noise_bias: float = 0.0
+    """Probability that a training sample's timestep is drawn from the noisiest 30% instead of uniformly. Where the
+    input is almost pure noise the model must produce layout and motion from the condition alone; uniform sampling
+    spends too little there for small models to learn it (docs/proof.md)."""
     sampler: str = "ddim"
     """Sampler for validation videos: ddim | dpm (DPM-Solver++ multistep)."""
     sample_steps: int = 25
@@ -412,6 +416,9 @@ def validate(config: RunConfig) -> RunConfig:
     if train.precision == "fp8-te" and train.fp8_recipe in ("default", "delayed") and train.compile:
         raise ConfigError("train.compile: Transformer Engine's delayed-scaling FP8 recipe does not run under "
                           "torch.compile; use train.fp8_recipe=current, or train.compile=false")
+    if not 0.0 <= config.diffusion.high_noise_bias <= 1.0:
+        raise ConfigError(f"diffusion.high_noise_bias: expected a probability in [0, 1], got "
+                          f"{config.diffusion.high_noise_bias}")
     if data.num_images < 0:
         raise ConfigError(f"data.num_images: must be >= 0, got {data.num_images}")
     return config

@@ -72,13 +72,21 @@ def sample_generator(seed: int, sample_index: int, purpose: str) -> torch.Genera
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def draw_timesteps_and_noise(shape, first_index: int, seed: int, num_timesteps: int):
-    """Per-sample timesteps [B] and noise [B, ...] for samples first_index .. first_index + B - 1."""
+HIGH_NOISE_START = 0.7  # diffusion.high_noise_bias draws from the noisiest 30% of timesteps
+
+
+def draw_timesteps_and_noise(shape, first_index: int, seed: int, num_timesteps: int, high_noise_bias: float = 0.0):
+    """Per-sample timesteps [B] and noise [B, ...] for samples first_index .. first_index + B - 1. With probability
+    high_noise_bias a sample's timestep is moved into the noisiest 30%, where layout and motion are decided."""
     timesteps, noise = [], []
+    start = int(HIGH_NOISE_START * num_timesteps)
     for row in range(shape[0]):
         generator = sample_generator(seed, first_index + row, "diffusion")
-        timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator))
+        timestep = torch.randint(0, num_timesteps, (1,), generator=generator)
         noise.append(torch.randn(shape[1:], generator=generator))
+        if high_noise_bias and torch.rand(1, generator=generator).item() < high_noise_bias:
+            timestep = start + timestep % (num_timesteps - start)
+        timesteps.append(timestep)
     return torch.cat(timesteps), torch.stack(noise)
 
 
@@ -137,7 +145,7 @@ class TrainingFault(RuntimeError):
 def micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config) -> torch.Tensor:
     """Mean diffusion loss of one micro-batch (per-sample noise, timesteps and caption dropout already keyed)."""
     timesteps, noise = draw_timesteps_and_noise(latents.shape, first_index, config.train.seed,
-                                                diffusion.num_timesteps)
+                                                diffusion.num_timesteps, config.diffusion.high_noise_bias)
     timesteps, noise = timesteps.to(latents.device), noise.to(latents.device)
     x_t = diffusion.add_noise(latents, noise, timesteps)
     with precision.autocast():

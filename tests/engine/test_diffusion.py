@@ -68,3 +68,17 @@ def test_zero_terminal_snr_samples_from_the_last_timestep():
     sampler = diffusion.sampler()
     sampler.set_timesteps(10)
     assert int(sampler.timesteps[0]) == 999
+
+
+def test_high_noise_bias_moves_that_fraction_of_timesteps_into_the_noisiest_30_percent():
+    from ristretto.engine.train import draw_timesteps_and_noise
+
+    shape = (4000, 1, 1, 2, 2)
+    uniform, noise = draw_timesteps_and_noise(shape, 0, seed=5, num_timesteps=1000)
+    biased, biased_noise = draw_timesteps_and_noise(shape, 0, seed=5, num_timesteps=1000, high_noise_bias=0.5)
+    assert torch.equal(noise, biased_noise)  # the bias never changes a sample's noise
+    moved = biased != uniform
+    assert (biased[moved] >= 700).all() and (biased < 1000).all()
+    high = (biased >= 700).float().mean().item()
+    assert high == pytest.approx(0.3 + 0.5 * 0.7, abs=0.03)  # uniform's own 30% plus half of the rest
+    assert (uniform >= 700).float().mean().item() == pytest.approx(0.3, abs=0.03)
