@@ -45,6 +45,9 @@ class ModelConfig:
     """LayerNorm epsilon (Latte: 1e-6)."""
     pooled_caption: bool = False
     """Also add a mean-pooled caption vector to the timestep embedding (helps small models learn captions)."""
+    caption_adaln: bool = False
+    """Also modulate every block by its own projection of the pooled caption (zero-initialised, beside adaLN-single):
+    lets small models turn caption words into layout and motion (docs/proof.md)."""
     attention_backend: str = "sdpa"
     """sdpa | sdpa-flash | sdpa-cudnn | sdpa-efficient | sdpa-math | fa4 | fa3 | fa2 | xformers."""
     kernels: str = "torch"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .embeddings import CaptionProjection, LabelEmbedder, TimestepEmbedder
-from .modulation import AdaLNSingleTable, AdaLNZero
+from .modulation import AdaLNSingleCaption, AdaLNSingleTable, AdaLNZero
 
 
 class Conditions(NamedTuple):
@@ -31,28 +31,33 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 class TextConditioning(nn.Module):
     has_context = True
 
-    def __init__(self, hidden_size: int, caption_channels: int, pooled_caption: bool = False):
+    def __init__(self, hidden_size: int, caption_channels: int, pooled_caption: bool = False,
+                 caption_adaln: bool = False):
         super().__init__()
+        self.caption_adaln = caption_adaln  # blocks also modulated per block by the pooled caption
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.caption_projection = CaptionProjection(caption_channels, hidden_size)
         # Optional: a pooled caption vector joins the timestep embedding, so every block's modulation sees the caption.
         self.caption_pool = nn.Linear(hidden_size, hidden_size) if pooled_caption else None
 
-    @staticmethod
-    def modulation(num_vectors: int, hidden_size: int) -> nn.Module:
-        return AdaLNSingleTable(num_vectors, hidden_size)
+    def modulation(self, num_vectors: int, hidden_size: int) -> nn.Module:
+        return (AdaLNSingleCaption if self.caption_adaln else AdaLNSingleTable)(num_vectors, hidden_size)
 
     def forward(self, timestep, caption, caption_mask=None, image_caption=None, image_caption_mask=None,
                 video_frames: int = 1) -> Conditions:
         t_emb = self.t_embedder(timestep)  # (B, D)
         context = self.caption_projection(caption)  # (B, L, D)
+        pooled = masked_mean(context, caption_mask) if self.caption_pool is not None or self.caption_adaln else None
         if self.caption_pool is not None:
-            t_emb = t_emb + self.caption_pool(masked_mean(context, caption_mask))
+            t_emb = t_emb + self.caption_pool(pooled)
+        block, final = self.t_block(t_emb), t_emb  # (B, 6D), (B, D)
+        if self.caption_adaln:  # AdaLNSingleCaption reads the pooled caption after the timestep vectors
+            block, final = torch.cat([block, pooled], dim=1), torch.cat([final, pooled], dim=1)
         if image_caption is not None:  # joint training: one caption per frame, video caption first
             context, caption_mask = per_frame_captions(context, caption_mask, self.caption_projection(image_caption),
                                                        image_caption_mask, video_frames)
-        return Conditions(self.t_block(t_emb), t_emb, context, caption_mask)
+        return Conditions(block, final, context, caption_mask)
 
 
 def per_frame_captions(video_context, video_mask, image_context, image_mask, video_frames: int):

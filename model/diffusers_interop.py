@@ -75,9 +75,10 @@ def from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def diffusers_config(model_config, frames: int, sample_size: int) -> dict:
     """The LatteTransformer3DModel config equal to our ModelConfig (Latte-1 settings)."""
     cfg = model_config
-    if cfg.kind != "t2v" or cfg.pooled_caption:
-        raise ValueError("diffusers export: only the text-to-video Latte without model.pooled_caption has a diffusers "
-                         f"equivalent (got model.kind={cfg.kind!r}, model.pooled_caption={cfg.pooled_caption})")
+    if cfg.kind != "t2v" or cfg.pooled_caption or cfg.caption_adaln:
+        raise ValueError("diffusers export: only the text-to-video Latte without model.pooled_caption and "
+                         "model.caption_adaln has a diffusers equivalent (got model.kind="
+                         f"{cfg.kind!r}, model.pooled_caption={cfg.pooled_caption}, model.caption_adaln={cfg.caption_adaln})")
     return dict(
         num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
         in_channels=cfg.in_channels, out_channels=cfg.in_channels * (2 if cfg.learn_sigma else 1),

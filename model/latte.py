@@ -12,6 +12,7 @@ from .blocks import FinalLayer, LatteBlock
 from .conditioning import ClassConditioning, TextConditioning
 from .embeddings import PatchEmbed, sincos_1d
 from .layout import to_spatial, to_temporal, unpatchify
+from .modulation import AdaLNSingleCaption, AdaLNZero
 
 
 class Latte(nn.Module):
@@ -44,15 +45,16 @@ class Latte(nn.Module):
         for name, param in self.conditioning.named_parameters():
             if name.endswith("weight") and param.dim() == 2:  # timestep/caption MLPs, label table
                 nn.init.normal_(param, std=0.02)
+        for module in [*self.blocks, self.final_layer]:
+            if isinstance(module.modulation, AdaLNZero):  # adaLN-Zero: every block starts as the identity
+                nn.init.zeros_(module.modulation.linear.weight)
+                nn.init.zeros_(module.modulation.linear.bias)
+            if isinstance(module.modulation, AdaLNSingleCaption):  # the per-block caption path starts silent
+                nn.init.zeros_(module.modulation.caption.weight)
+                nn.init.zeros_(module.modulation.caption.bias)
         for block in self.blocks:
-            if isinstance(block.modulation, nn.Module) and hasattr(block.modulation, "linear"):
-                nn.init.zeros_(block.modulation.linear.weight)  # adaLN-Zero: every block starts as the identity
-                nn.init.zeros_(block.modulation.linear.bias)
             if block.cross_attn is not None:
                 nn.init.zeros_(block.cross_attn.proj.weight)  # PixArt: cross-attention starts silent
-        if hasattr(self.final_layer.modulation, "linear"):
-            nn.init.zeros_(self.final_layer.modulation.linear.weight)
-            nn.init.zeros_(self.final_layer.modulation.linear.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -78,7 +80,7 @@ def latte_from_config(model_config, frames: int, sample_size: int) -> Latte:
     """Build the Latte variant a ModelConfig describes, for videos of `frames` frames of sample_size^2 latents."""
     cfg = model_config
     if cfg.kind == "t2v":
-        conditioning = TextConditioning(cfg.hidden_size, cfg.caption_channels, cfg.pooled_caption)
+        conditioning = TextConditioning(cfg.hidden_size, cfg.caption_channels, cfg.pooled_caption, cfg.caption_adaln)
     else:
         conditioning = ClassConditioning(cfg.hidden_size, cfg.num_classes)
     out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)

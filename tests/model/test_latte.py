@@ -108,3 +108,25 @@ def test_attention_backend_seam_is_applied_from_outside():
     # one layer: spatial self (B*F=3 rows of 16 tokens), cross (3 rows), temporal self (16 rows of 3 frames)
     assert calls == [(3, 16, 2, 16), (3, 16, 2, 16), (16, 3, 2, 16)]
 
+
+
+def test_caption_adaln_starts_silent_then_conditions_every_block():
+    plain_config = build_config("tiny-t2v", TINY)
+    config = build_config("tiny-t2v", TINY + ["model.caption_adaln=true"])
+    torch.manual_seed(0)
+    plain = build_plain_model(plain_config).eval()
+    with torch.no_grad():
+        for param in plain.parameters():
+            param.normal_(0, 0.2)
+    model = build_plain_model(config).eval()
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(key.endswith(("modulation.caption.weight", "modulation.caption.bias")) for key in missing)
+    generator = torch.Generator().manual_seed(2)
+    video, timestep = torch.randn(2, 3, 3, 16, 16, generator=generator), torch.tensor([10, 900])
+    conditions = conditions_for(config, 2, generator)
+    with torch.no_grad():
+        torch.testing.assert_close(model(video, timestep, **conditions), plain(video, timestep, **conditions))
+        model.blocks[1].modulation.caption.weight.normal_(0, 0.2)  # a temporal block now reads the caption itself
+        other = dict(conditions, caption=torch.randn(2, 6, 12, generator=generator))
+        changed = (model(video, timestep, **other) - plain(video, timestep, **other)).abs().max()
+    assert changed > 1e-3
