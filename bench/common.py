@@ -85,3 +85,14 @@ def bar_chart(path: Path | str, labels: list[str], series: dict[str, list[float]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def write_report(name: str, payload: dict, out_dir, labels: list[str], series: dict[str, list[float]], ylabel: str,
+                 title: str) -> Path:
+    """The results JSON plus its bar chart beside it (same stem, .png); prints where both went."""
+    path = write_results(name, payload, out_dir)
+    print(f"wrote {path}")
+    chart = bar_chart(path.with_suffix(".png"), labels, series, ylabel, f"{title} ({path.stem})")
+    if chart:
+        print(f"wrote {chart}")
+    return path

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ristretto.bench.common import RESULTS_DIR, bar_chart, format_table, write_results
+from ristretto.bench.common import RESULTS_DIR, format_table, write_report
 from ristretto.bench.step import CONFIGS, StepConfig, cpu_threads, random_inputs
 from ristretto.engine.build import build_training_model
 from ristretto.engine.checkpointing import CHECKPOINTING_MODES
@@ -221,14 +221,10 @@ def run(args) -> dict:
                           else "bytes saved for backward (saved_tensors_hooks) in one training forward"},
                "rows": rows, "planner_fit": fit_rows}
     if cuda or args.out is not None:
-        path = write_results("memory", payload, args.out)
-        print(f"wrote {path}")
         unit = "GiB" if cuda else "MiB"
         labels = [f"{r['config']} {r['checkpointing']}" for r in rows]
         series = {kind: [r.get(f"{kind} {unit}") or 0.0 for r in rows] for kind in ("planned", "measured")}
-        chart = bar_chart(path.with_suffix(".png"), labels, series, unit, f"memory, planned vs measured ({path.stem})")
-        if chart:
-            print(f"wrote {chart}")
+        write_report("memory", payload, args.out, labels, series, unit, "memory, planned vs measured")
     return payload
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ristretto.bench.attention import bf16_peak_tflops
-from ristretto.bench.common import RESULTS_DIR, bar_chart, format_table, write_results
+from ristretto.bench.common import RESULTS_DIR, format_table, write_report
 from ristretto.engine.build import build_training_model, latent_geometry
 from ristretto.engine.config import build_config
 from ristretto.engine.flops import model_flops
@@ -245,15 +245,11 @@ def run(args) -> dict:
                           "configs": [c.__dict__ for c in step_configs]},
                "rows": rows}
     if device.type == "cuda" or args.out is not None:  # CPU numbers say nothing about speed: written only on request
-        path = write_results("step", payload, args.out)
-        print(f"wrote {path}")
         labels = [f"{r['config']} {r['checkpointing']}" for r in rows if r["impl"] == "ours"]
         series = {impl: [next((r.get("samples/s", 0.0) for r in rows if r["impl"] == impl
                                and f"{r['config']} {r['checkpointing']}" == label), 0.0) for label in labels]
                   for impl in dict.fromkeys(r["impl"] for r in rows)}
-        chart = bar_chart(path.with_suffix(".png"), labels, series, "samples/s", f"train step ({path.stem})")
-        if chart:
-            print(f"wrote {chart}")
+        write_report("step", payload, args.out, labels, series, "samples/s", "train step")
     return payload
 
 
