@@ -336,7 +336,7 @@ def plain_module_on_main(module: nn.Module, make_plain, info: DistInfo) -> nn.Mo
 
 
 def export_weights(out_dir: Path, model: nn.Module, ema_model: nn.Module | None, info: DistInfo) -> None:
-    """weights.save_weights for any strategy: rank 0 writes out_dir/model.safetensors (+ ema.safetensors), plain
+    """The run's final weights for any strategy: rank 0 writes out_dir/model.safetensors (+ ema.safetensors), plain
     keys, each under a temporary name then renamed. Every rank calls it (the gather is collective under FSDP)."""
     targets = {"model": model} | ({"ema": ema_model} if ema_model is not None else {})
     states = {name: gather_full_state(module) for name, module in targets.items()}

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -60,7 +60,6 @@ class TrainState:
     samples_seen: int = 0  # samples consumed (all ranks), the key of per-sample randomness
     bad_steps_in_row: int = 0
     bad_steps_total: int = 0
-    history: list = field(default_factory=list)
     stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
 
 
