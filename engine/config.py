@@ -251,20 +251,32 @@ POSITIVE = ("model.hidden_size", "model.depth", "model.num_heads", "model.in_cha
 
 # ----------------------------------------------------------------------------------------------------------- presets
 
-def tiny_t2v() -> RunConfig:
-    """The default: a ~0.3M-parameter text-to-video Latte on synthetic 8x32x32 clips, trains on 2 CPU cores in minutes.
-    Patch 4 keeps 64 tokens per frame so a few hundred steps fit in a few CPU minutes."""
-    config = RunConfig(preset="tiny-t2v")
+def small_model_recipe(config: RunConfig) -> RunConfig:
+    """What makes tiny models learn in CPU minutes (measured in docs/proof.md): v-prediction on a zero-terminal-SNR
+    cosine schedule with half the timesteps from the noisiest 30%, patch 4, a high learning rate, mild guidance. The
+    model keeps Latte-1's structure (diffusers-exportable); the Latte presets keep Latte's epsilon / linear recipe."""
     config.model.patch_size = 4
+    diffusion = config.diffusion
+    diffusion.schedule, diffusion.rescale_zero_snr, diffusion.prediction = "squaredcos_cap_v2", True, "v_prediction"
+    diffusion.high_noise_bias, diffusion.guidance_scale = 0.5, 1.5
+    config.train.lr = 2e-3
+    return config
+
+
+def tiny_t2v() -> RunConfig:
+    """The default: a ~0.3M-parameter text-to-video Latte on synthetic 8x32x32 clips (64 tokens per frame); 600 steps
+    take about a minute on 2 CPU cores and draw the captions' colours."""
+    config = small_model_recipe(RunConfig(preset="tiny-t2v"))
+    config.train.max_steps = 600
     return config
 
 
 def tiny_class() -> RunConfig:
-    """Class-conditional tiny Latte on synthetic clips (class = caption index)."""
-    config = RunConfig(preset="tiny-class")
+    """Class-conditional tiny Latte on synthetic clips (class = colour)."""
+    config = small_model_recipe(RunConfig(preset="tiny-class"))
     config.model.kind = "class"
-    config.model.patch_size = 4
     config.model.num_classes = 6  # the synthetic colours (engine/synthetic.NUM_CLASSES)
+    config.train.max_steps = 600
     return config
 
 
@@ -297,20 +309,14 @@ def latte_t2v_512() -> RunConfig:
 
 
 def synthetic_proof() -> RunConfig:
-    """Learns the synthetic caption grammar on CPU (docs/proof.md): v-prediction on a zero-terminal-SNR cosine
-    schedule, patch 4, width 64 at a high learning rate, the pooled caption in adaLN and per block
-    (model.caption_adaln), half the timesteps from the noisiest 30% (diffusion.high_noise_bias), and objects that
-    enter from the edge they move away from. 2000 steps (~4 single-core CPU minutes) draw held-out caption
-    combinations in the right colour and direction."""
-    config = RunConfig(preset="synthetic-proof")
-    model = config.model
-    model.hidden_size, model.depth, model.num_heads, model.patch_size = 64, 4, 4, 4
-    model.pooled_caption, model.caption_adaln = True, True
+    """Learns the synthetic caption grammar on CPU (docs/proof.md): the small-model recipe at width 64 on 8 frames of
+    16x16, the pooled caption in adaLN and per block, and objects that enter from the edge they move away from. 2000 steps (~4 single-core CPU minutes) draw
+    held-out caption combinations in the right colour and direction."""
+    config = small_model_recipe(RunConfig(preset="synthetic-proof"))
+    config.model.hidden_size, config.model.depth, config.model.num_heads = 64, 4, 4
+    config.model.pooled_caption, config.model.caption_adaln = True, True  # the caption in adaLN, and per block
     config.data.frames, config.data.resolution, config.data.synthetic_entering = 8, 16, True
-    config.diffusion.schedule, config.diffusion.rescale_zero_snr = "squaredcos_cap_v2", True
-    config.diffusion.prediction, config.diffusion.guidance_scale = "v_prediction", 1.5
-    config.diffusion.high_noise_bias = 0.5
-    config.train.max_steps, config.train.lr, config.train.batch_size = 2000, 2e-3, 16
+    config.train.max_steps, config.train.batch_size = 2000, 16
     config.train.sample_every = 1000
     config.sample.quality_seeds = 2
     return config

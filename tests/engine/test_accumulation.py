@@ -54,9 +54,11 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, monkeypatch):
     # The same parameters and EMA after 3 optimizer steps.
     assert weights_acc.keys() == weights_big.keys()
     moved = 0
+    # atol 1e-5 against lr 1e-2 steps: parameters whose true gradient is zero (attention key biases) receive fp32
+    # summation noise that Adam normalises, so they differ by ~2e-6; stepping per micro-batch would differ by ~1e-2.
     for key in weights_big:
-        torch.testing.assert_close(weights_acc[key], weights_big[key], rtol=1e-5, atol=1e-6, msg=key)
-        torch.testing.assert_close(ema_acc[key], ema_big[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(weights_acc[key], weights_big[key], rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(ema_acc[key], ema_big[key], rtol=1e-5, atol=1e-5, msg=key)
         moved += int(not torch.equal(weights_big[key], ema_big[key]))
     assert moved > 0
     # DDP hook: gradient sync skipped on the first k-1 micro-batches of every optimizer step, done on the last.
