@@ -238,15 +238,25 @@ class DrawBudget:
 
 
 class SkippingDataset(Dataset):
-    """Base for file-backed datasets: `load(index, rng)` may raise BadSample; reads skip and redraw such samples."""
+    """Base for file-backed datasets over `self.entries` (ClipEntry): `load(index, rng)` may raise BadSample; reads
+    skip and redraw such samples."""
 
     def __init__(self, seed: int, max_bad_fraction: float, augment: bool):
         self.seed, self.max_bad_fraction, self.augment = seed, max_bad_fraction, augment
         self.bad_draws = 0  # per process: each DataLoader worker counts its own
         self.bad_paths: dict[str, str] = {}  # path -> reason, logged once per path
 
+    entries: list  # ClipEntry per item, set by the subclass
+
     def __len__(self) -> int:
-        raise NotImplementedError
+        return len(self.entries)
+
+    def captioned_entry(self, index: int):
+        """The item's entry; an empty caption makes it a bad sample (nothing to condition on)."""
+        entry = self.entries[index]
+        if not entry.caption:
+            raise BadSample(entry.path, "empty caption")
+        return entry
 
     def load(self, index: int, rng: random.Random | None) -> dict:
         raise NotImplementedError
@@ -324,13 +334,8 @@ class ImageFolder(SkippingDataset):
         paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         return [ClipEntry(str(p), p.stem.replace("_", " ").replace("-", " ").strip()) for p in paths]
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def load(self, index: int, rng: random.Random | None) -> dict:
-        entry = self.entries[index]
-        if not entry.caption:
-            raise BadSample(entry.path, "empty caption")
+        entry = self.captioned_entry(index)
         return {"image": read_image(entry.path, self.resolution, rng, self.random_crop), "caption": entry.caption}
 
 
@@ -346,13 +351,8 @@ class VideoClips(SkippingDataset):
         self.entries, self.frames, self.resolution, self.frame_stride = entries, frames, resolution, frame_stride
         self.random_crop, self.num_images, self.images = random_crop, num_images, images
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def load(self, index: int, rng: random.Random | None) -> dict:
-        entry = self.entries[index]
-        if not entry.caption:
-            raise BadSample(entry.path, "empty caption")
+        entry = self.captioned_entry(index)
         clip = read_clip(entry, self.frames, self.frame_stride, self.resolution, rng, self.random_crop)
         stills, image_captions = self.stills(index, rng)
         return {"video": to_unit_range(torch.cat([clip, *stills])), "caption": entry.caption, "label": entry.label,
