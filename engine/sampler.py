@@ -13,12 +13,15 @@ class ResumableSampler(Sampler[int]):
     """
 
     def __init__(self, dataset_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                 block: int = 1):
+                 block: int = 1, tag_epochs: bool = False):
         if dataset_size < block * world_size:
             raise ValueError(f"dataset has {dataset_size} samples, fewer than one global micro-batch of {block} "
                              f"x {world_size} ranks")
         self.dataset_size, self.seed, self.shuffle = dataset_size, seed, shuffle
         self.rank, self.world_size, self.block = rank, world_size, block
+        # tag_epochs: yield index + epoch * dataset_size, so a dataset can key its augmentation by (epoch, index) and
+        # a resumed run sees the same crops (datasets that want it decode with divmod; see video_data.py).
+        self.tag_epochs = tag_epochs
         self.epoch, self.position = 0, 0  # position counts samples this rank has yielded in the current epoch
 
     def per_rank(self) -> int:
@@ -40,7 +43,7 @@ class ResumableSampler(Sampler[int]):
             while self.position < len(order):
                 index = order[self.position]
                 self.position += 1
-                yield index
+                yield index + self.epoch * self.dataset_size if self.tag_epochs else index
             self.epoch, self.position = self.epoch + 1, 0
 
     def __len__(self) -> int:

@@ -364,7 +364,7 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
     train_cfg = config.train
     dataset = build_dataset(config)
     sampler = ResumableSampler(len(dataset), train_cfg.seed, rank=info.rank, world_size=info.world_size,
-                               block=train_cfg.batch_size)
+                               block=train_cfg.batch_size, tag_epochs=getattr(dataset, "epoch_tagged_indices", False))
     loader = build_loader(dataset, train_cfg.batch_size, sampler, config.data.num_workers, device)
     encoders = build_encoders(config, dataset, device)
     diffusion = Diffusion(config.diffusion)

@@ -247,6 +247,9 @@ class SkippingDataset(Dataset):
         self.bad_paths: dict[str, str] = {}  # path -> reason, logged once per path
 
     entries: list  # ClipEntry per item, set by the subclass
+    # Indices may carry the epoch (ResumableSampler(tag_epochs=True)): augmentation is then a pure function of
+    # (seed, epoch, index), the same in every worker and after a resume.
+    epoch_tagged_indices = True
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -267,11 +270,9 @@ class SkippingDataset(Dataset):
             self.bad_paths[bad.path] = bad.reason
             log.warning("skipping %s: %s (%d bad draws so far)", bad.path, bad.reason, self.bad_draws)
 
-    def item_rng(self, index: int) -> random.Random | None:
-        """The item's randomness: fresh from torch's global RNG when augmenting, else none (centred crops)."""
-        if self.augment:
-            return random.Random(int(torch.randint(2**62, ()).item()))
-        return None
+    def item_rng(self, index: int, epoch: int = 0) -> random.Random | None:
+        """The item's randomness when augmenting, keyed by (seed, epoch, index); none (centred crops) otherwise."""
+        return random.Random(f"{self.seed}:{epoch}:{index}") if self.augment else None
 
     def redraw(self, index: int, attempt: int, size: int) -> int:
         """The attempt-th candidate for slot `index`: itself first, then a deterministic function of (seed, index)."""
@@ -279,10 +280,10 @@ class SkippingDataset(Dataset):
             return index
         return random.Random(f"{self.seed}:{index}:{attempt}").randrange(size)
 
-    def draw(self, index: int, budget: DrawBudget, load=None, size: int | None = None) -> dict:
+    def draw(self, index: int, budget: DrawBudget, load=None, size: int | None = None, epoch: int = 0) -> dict:
         """Load slot `index` (of `size`, default len(self)), redrawing on BadSample until one loads or the budget is
         spent (max_bad_fraction >= 1 never spends it, so the draws are capped too)."""
-        load = load or (lambda candidate: self.load(candidate, self.item_rng(candidate)))
+        load = load or (lambda candidate: self.load(candidate, self.item_rng(candidate, epoch)))
         size = size or len(self)
         for attempt in range(10 * size + 1):
             try:
@@ -295,7 +296,7 @@ class SkippingDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict]:
         # DataLoader calls this with a whole batch, so max_bad_fraction applies per batch.
         budget = DrawBudget(len(indices), self.max_bad_fraction, f"a batch of {len(indices)}")
-        return [self.draw(index, budget) for index in indices]
+        return [self.draw(index % len(self), budget, epoch=index // len(self)) for index in indices]
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
@@ -372,9 +373,7 @@ class VideoClips(SkippingDataset):
     def _still(self, source: SkippingDataset, index: int, rng: random.Random) -> dict:
         if source is not self:
             return source.load(index, rng if self.augment else None)
-        entry = self.entries[index]
-        if not entry.caption:
-            raise BadSample(entry.path, "empty caption")
+        entry = self.captioned_entry(index)
         frame = read_clip(entry, 1, 1, self.resolution, rng, self.random_crop and self.augment)
         return {"image": frame, "caption": entry.caption}
 

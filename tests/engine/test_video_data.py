@@ -62,10 +62,9 @@ def test_captioned_csv_item_shape_range_and_centred_stride(videos, tmp_path):
 def test_random_temporal_crop_keeps_stride_and_varies(videos, tmp_path):
     manifest = write_csv(tmp_path / "m.csv", [("long.mp4", "a red car")])
     dataset = CaptionedVideos(manifest, videos, augment=True, **CLIP)
-    torch.manual_seed(0)
     starts = set()
-    for _ in range(6):
-        levels = np.array(frame_levels(dataset[0]["video"]))
+    for epoch in range(6):  # an epoch-tagged index: the same clip, drawn in epoch `epoch`
+        levels = np.array(frame_levels(dataset[epoch * len(dataset)]["video"]))
         assert np.allclose(np.diff(levels), 2 * 9, atol=3)  # consecutive sampled frames are 2 decoded frames apart
         starts.add(round((levels[0] - media.level(0)) / 9))
     assert len(starts) > 1 and all(0 <= s <= 24 - 7 for s in starts)
@@ -210,6 +209,30 @@ def test_loader_batches_and_resume_from_consumed_position(videos, tmp_path, num_
     resumed, _, _ = run(state, batches=3)
     assert state == {"epoch": 0, "position": 4}  # consumed, not prefetched
     assert first + resumed == straight  # crosses the epoch boundary (6 clips) too
+
+
+def test_augmented_crops_resume_exactly_and_change_per_epoch(videos, tmp_path):
+    rows = [("long.mp4", f"clip {i}") for i in range(4)]
+    manifest = write_csv(tmp_path / "m.csv", rows)
+    dataset = build_dataset(captioned_config(videos, manifest), augment=True)
+    assert dataset.epoch_tagged_indices
+
+    def run(state=None, batches=4):
+        sampler = ResumableSampler(len(dataset), seed=3, tag_epochs=True)
+        loader = build_loader(dataset, 2, sampler, num_workers=0)
+        if state:
+            loader.load_state_dict(state)
+        iterator = iter(loader)
+        videos_seen = [next(iterator)["video"] for _ in range(batches)]
+        return videos_seen, loader.state_dict()
+
+    straight, _ = run(batches=4)  # two epochs of 4 clips
+    first, state = run(batches=1)
+    resumed, _ = run(state, batches=3)
+    for a, b in zip(first + resumed, straight):
+        assert torch.equal(a, b)  # the same crops after a resume, not only the same clips
+    # Every clip is the same file, so epochs differ only by their random crops and temporal offsets.
+    assert not torch.equal(torch.cat(straight[:2]), torch.cat(straight[2:]))
 
 
 def test_collate_stacks_tensors_and_keeps_strings():
