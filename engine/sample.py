@@ -60,6 +60,8 @@ def write_samples(out_dir: Path, videos: torch.Tensor, captions: list[str], fps:
         slug = "".join(ch if ch.isalnum() else "_" for ch in caption)[:60].strip("_") or "sample"
         paths.append(write_video(out_dir / f"{index:02d}_{slug}", video, fps=fps))
     paths.append(contact_sheet(out_dir / "contact_sheet.png", list(videos), captions))
+    # the exact captions (file names are lossy slugs), for report.html
+    (out_dir / "captions.json").write_text(json.dumps({p.name: c for p, c in zip(paths, captions)}, indent=1) + "\n")
     return paths
 
 

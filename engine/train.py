@@ -34,6 +34,7 @@ from .diffusion import Diffusion
 from .metrics import MetricsLog, truncate_metrics
 from .plan import predict_memory
 from .profiling import profile_steps
+from .report import one_line, update_report
 from .sample import sample_videos, validation_prompts, write_samples
 from .distributed import (DistInfo, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
                           barrier, destroy_distributed, export_weights, first_sample_index, global_batch_size,
@@ -350,6 +351,11 @@ def train(config, run_dir: Path, resume: Path | None = None) -> TrainState:
     info = init_distributed(config.dist.strategy, config.train.device)
     try:
         return train_on_ranks(config, Path(run_dir), resume, info)
+    except BaseException as error:  # report.html says how the run ended, then the error goes on to the caller
+        if is_main(info) and (Path(run_dir) / "config.json").is_file():
+            stopped = isinstance(error, KeyboardInterrupt)
+            update_report(Path(run_dir), "stopped" if stopped else "failed", detail=None if stopped else one_line(error))
+        raise
     finally:
         destroy_distributed()
 
@@ -388,7 +394,7 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
     def checkpoint():
         return write_checkpoint(run_dir, model, ema, optimizer, scheduler, loader, state, config, info)
 
-    def validation_samples():
+    def validation_samples(final: bool = False):
         """Rank 0 samples from a plain copy of the EMA weights (gathered under FSDP) while the others wait."""
         sampling_model = plain_module_on_main(ema.model if ema else model, lambda: build_plain_model(config), info)
         out_dir = None
@@ -397,6 +403,7 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
                                                precision, dataset, device, metrics)
             if config.sample.quality_seeds:
                 log_quality(config, state.step, sampling_model, encoders, diffusion, precision, device, metrics)
+            update_report(run_dir, "finished" if final else "running", state.step)
         barrier(info)
         model.train()
         return out_dir
@@ -440,10 +447,12 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
         if signals.received is not None or stop_requested(signals, info):
             state.stopped_by = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
             log.warning("stopped by %s at step %d; checkpoint %s", state.stopped_by, state.step, path)
+            if main:
+                update_report(run_dir, "stopped", state.step, state.stopped_by)
             return state
         export_weights(run_dir / "weights", model, ema.model if ema else None, info)
-        out_dir = validation_samples()
-    log.info("done: %d steps; samples in %s", state.step, out_dir)
+        out_dir = validation_samples(final=True)
+    log.info("done: %d steps; samples in %s; report %s", state.step, out_dir, run_dir / "report.html")
     return state
 
 
