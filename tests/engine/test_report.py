@@ -4,12 +4,14 @@ their captions, and the resolved config; rebuilt by `python -m ristretto.engine.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from ristretto.engine import train as train_module
 from ristretto.engine.config import build_config
@@ -131,3 +133,62 @@ def test_status_and_smoothing_helpers(tmp_path):
     assert read_status(tmp_path)["state"] == "unknown"
     assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # debiased: no pull towards zero
     assert smoothed([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 20 / 3])  # weights 0.25, 0.5, normalised
+
+
+# ------------------------------------------------------------------------------ in a real browser (headless Chromium)
+
+CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
+                None)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
+
+
+def chromium(page: Path, tmp_path: Path, *action: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on file://page with nothing that reaches the network; console messages go to stderr."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+             "--virtual-time-budget=20000", "--window-size=1300,2400"]
+    result = subprocess.run([CHROMIUM, *flags, *action, page.resolve().as_uri()], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def load_state(dom: str) -> dict:
+    """The attributes the page's script sets on <html> once every image and video has loaded or failed."""
+    tag = re.search(r"<html[^>]*>", dom).group(0)
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', tag))
+
+
+@needs_chromium
+def test_chromium_renders_plots_and_videos(finished_run, tmp_path):
+    page = finished_run / "report.html"
+    result = chromium(page, tmp_path, "--dump-dom")
+    state = load_state(result.stdout)
+    videos = len(list((finished_run / "samples").glob("step_*/*.mp4")))
+    gifs = len(list((finished_run / "samples").glob("step_*/*.gif")))
+    assert state == {"broken-images": "0", "broken-videos": "0", "images": str(6 + gifs), "videos": str(videos),
+                     "errors": "[]", "report-state": "ready"}, state
+    assert videos + gifs == 4
+    assert "INFO:CONSOLE" not in result.stderr  # nothing printed to the console: no script errors or warnings
+
+    shot = tmp_path / "report.png"
+    chromium(page, tmp_path, f"--screenshot={shot}")
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1300, 2400)
+    assert len(set(image.resize((130, 240)).getdata())) > 200  # plots and frames drawn, not a blank page
+    shutil.copy(shot, finished_run / "report_screenshot.png")  # for a person to look at (pytest --basetemp=DIR)
+
+
+@needs_chromium
+def test_chromium_check_catches_a_broken_video(finished_run, tmp_path):
+    """The check can fail: a corrupt video is counted, and the page says which file it cannot play."""
+    run_dir = shutil.copytree(finished_run, tmp_path / "run")
+    media = sorted((run_dir / "samples" / "step_4").glob("00_*"))[0]
+    media.write_bytes(b"not a video")
+    write_report(run_dir)
+    result = chromium(run_dir / "report.html", tmp_path, "--dump-dom")
+    state = load_state(result.stdout)
+    assert state["report-state"] == "ready"
+    assert int(state["broken-videos"]) + int(state["broken-images"]) == 1, state
+    assert f"cannot play samples/step_4/{media.name}" in result.stdout or media.suffix == ".gif"
