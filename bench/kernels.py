@@ -27,6 +27,7 @@ if not torch.cuda.is_available():
     # Triton picks interpreter or compiler when a kernel is decorated, so this must precede the kernel imports
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from ristretto.engine.progress import progress_bar  # noqa: E402
 from ristretto.bench.common import RESULTS_DIR, bar_chart, device_name, format_table, write_results  # noqa: E402
 from ristretto.kernels import reference  # noqa: E402
 
@@ -208,11 +209,11 @@ def main(argv=None) -> Path | None:
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s on {device_name()}" + (" (smoke run: tiny shapes)" if smoke else ""))
 
     rows = []
-    for op in args.ops.split(","):
-        for batch, tokens in sizes:
-            case = SETUPS[op](batch, tokens, frames, features, dtype, device)
-            rows += bench_case(case, getattr(TRITON_KERNELS, op), time_ms, copy_gbps, use_compile=on_gpu)
-            del case
+    cases = [(op, batch, tokens) for op in args.ops.split(",") for batch, tokens in sizes]
+    for op, batch, tokens in progress_bar(cases, desc="kernels", unit="case"):
+        case = SETUPS[op](batch, tokens, frames, features, dtype, device)
+        rows += bench_case(case, getattr(TRITON_KERNELS, op), time_ms, copy_gbps, use_compile=on_gpu)
+        del case
     print(format_table(rows))
 
     out_dir = args.out if args.out is not None else RESULTS_DIR  # a CPU smoke run's JSON says "smoke": true

@@ -29,6 +29,7 @@ from ristretto.engine.checkpointing import CHECKPOINTING_MODES
 from ristretto.engine.config import build_config
 from ristretto.engine.diffusion import Diffusion
 from ristretto.engine.plan import GIB, largest_that_fits, predict_memory
+from ristretto.engine.progress import progress_bar
 from ristretto.engine.train import TrainState, build_optimizer, micro_step_loss, optimizer_step
 
 MEMORY_OVERRIDES = ("data.kind=cached",)  # latents are given: no encoders (the plan then counts none either)
@@ -206,12 +207,14 @@ def run(args) -> dict:
     out_dir = Path(args.out) if args.out is not None else RESULTS_DIR
     precision = args.precision
     if cuda:
-        rows = [gpu_row(CONFIGS[name], mode, args, out_dir) for name in args.configs for mode in args.modes]
+        cases = progress_bar([(n, m) for n in args.configs for m in args.modes], desc="memory", unit="case")
+        rows = [gpu_row(CONFIGS[name], mode, args, out_dir) for name, mode in cases]
         fit_rows = []
     else:
         # fp32 on CPU: bf16 autocast is slow there (tests/engine/test_plan.py checks a bf16 case too)
         precision = "fp32" if precision == "bf16" else precision
-        rows = [smoke_row(config, mode, precision, args.attention) for config in SMOKE_CONFIGS for mode in args.modes]
+        cases = progress_bar([(c, m) for c in SMOKE_CONFIGS for m in args.modes], desc="memory", unit="case")
+        rows = [smoke_row(config, mode, precision, args.attention) for config, mode in cases]
         fit_rows = planner_fit_rows(args, 80.0) if args.fit else []
     print(format_table(rows))
     if fit_rows:

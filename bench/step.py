@@ -36,6 +36,7 @@ from ristretto.bench.common import RESULTS_DIR, format_table, write_report
 from ristretto.engine.build import build_training_model, latent_geometry
 from ristretto.engine.config import build_config
 from ristretto.engine.flops import model_flops
+from ristretto.engine.progress import progress_bar
 from ristretto.engine.train import build_optimizer
 from ristretto.model.diffusers_interop import diffusers_config
 
@@ -226,17 +227,17 @@ def run(args) -> dict:
     precision = "fp32" if device.type != "cuda" and args.precision == "bf16" else args.precision
     peak_tflops = bf16_peak_tflops(device)
     rows = []
-    for step_config in step_configs:
-        for mode in args.checkpointing:
-            config = bench_config(step_config, args, precision, mode)
-            implementations = ["ours"]
-            if step_config.with_diffusers and precision in ("bf16", "fp32"):
-                implementations.append("diffusers")
-            base = {"config": step_config.label, "checkpointing": mode, "batch": config.train.batch_size}
-            found = [{**base, **bench_one(name, config, device, args.steps, peak_tflops)} for name in implementations]
-            if len(found) == 2 and "ms/step" in found[0] and "ms/step" in found[1]:
-                found[0]["speedup vs diffusers"] = found[1]["ms/step"] / found[0]["ms/step"]
-            rows.extend(found)
+    cases = [(step_config, mode) for step_config in step_configs for mode in args.checkpointing]
+    for step_config, mode in progress_bar(cases, desc="train step", unit="case"):
+        config = bench_config(step_config, args, precision, mode)
+        implementations = ["ours"]
+        if step_config.with_diffusers and precision in ("bf16", "fp32"):
+            implementations.append("diffusers")
+        base = {"config": step_config.label, "checkpointing": mode, "batch": config.train.batch_size}
+        found = [{**base, **bench_one(name, config, device, args.steps, peak_tflops)} for name in implementations]
+        if len(found) == 2 and "ms/step" in found[0] and "ms/step" in found[1]:
+            found[0]["speedup vs diffusers"] = found[1]["ms/step"] / found[0]["ms/step"]
+        rows.extend(found)
     print(format_table(rows))
     payload = {"config": {"smoke": smoke, "precision": precision, "kernels": args.kernels,
                           "attention": args.attention, "compile": args.compile, "steps": args.steps,
