@@ -34,6 +34,7 @@ from .diffusion import Diffusion
 from .metrics import MetricsLog, truncate_metrics
 from .plan import predict_memory
 from .profiling import profile_steps
+from .progress import progress_disabled
 from .report import one_line, update_report
 from .sample import sample_videos, validation_prompts, write_samples
 from .distributed import (DistInfo, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
@@ -414,7 +415,7 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
     window_start, window_steps = time.perf_counter(), 0
     model.train()
     with StopSignals() as signals, metrics, tqdm(total=train_cfg.max_steps, initial=state.step, desc="train",
-                                                  unit="step", dynamic_ncols=True, disable=not main) as progress, \
+                                                  unit="step", dynamic_ncols=True, disable=progress_disabled() if main else True) as progress, \
             profile_steps(run_dir, config.profile.steps if main else 0) as profiler:
         while state.step < train_cfg.max_steps and not stop_requested(signals, info):
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
