@@ -1,8 +1,9 @@
 """report.html: one page per run that a person opens to judge it (no server, no network, nothing to install).
 
 `python -m ristretto.engine.report --run DIR` (or `ristretto-report --run DIR`) rebuilds it from what the run wrote:
-config.json, metrics.jsonl, samples/step_<N>/ and status.json. Training rewrites it at every validation and at the
-end (engine/train.py), and writes status.json (running / finished / stopped by a signal / failed with the error).
+config.json, metrics.jsonl, samples/step_<N>/ and status.json. Training rewrites it at every validation (after the
+samples, and again after the held-out scores when the run has them) and when train() ends, with status.json saying
+how: running / finished / stopped by a signal / failed with the one-line error.
 
 Choices, and why:
 - Plots are matplotlib figures embedded as inline PNG (base64 data URIs). matplotlib is the plotting library
@@ -394,6 +395,23 @@ def update_report(run_dir: Path, state: str, step: int | None = None, detail: st
     except Exception as error:  # noqa: BLE001 - the report is for people; the run matters more
         log.warning("report: could not write %s (%s)", Path(run_dir) / REPORT_NAME, one_line(error))
         return None
+
+
+def report_end(run_dir: Path, state) -> Path | None:
+    """After train() returns: finished, or stopped by a signal (TrainState.stopped_by names it)."""
+    if state.stopped_by:
+        return update_report(run_dir, "stopped", state.step, state.stopped_by)
+    return update_report(run_dir, "finished", state.step)
+
+
+def report_failure(run_dir: Path, error: BaseException) -> Path | None:
+    """After train() raised: failed with the one-line error (a KeyboardInterrupt is a stop, not a failure). Nothing
+    is written where the run never started (no config.json: the error came before the run's first file)."""
+    if not (Path(run_dir) / "config.json").is_file():
+        return None
+    if isinstance(error, KeyboardInterrupt):
+        return update_report(run_dir, "stopped", detail="KeyboardInterrupt (no checkpoint at this step)")
+    return update_report(run_dir, "failed", detail=one_line(error))
 
 
 def main(argv=None) -> int:

@@ -35,7 +35,7 @@ from .metrics import MetricsLog, truncate_metrics
 from .plan import predict_memory
 from .profiling import profile_steps
 from .progress import progress_disabled
-from .report import one_line, update_report
+from .report import report_end, report_failure, update_report
 from .sample import sample_videos, validation_prompts, write_samples
 from .distributed import (DistInfo, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
                           barrier, destroy_distributed, export_weights, first_sample_index, global_batch_size,
@@ -295,6 +295,7 @@ def write_validation_samples(run_dir: Path, step: int, config, sampling_model, e
     write_samples(out_dir, videos, titles, config.sample.fps)
     if metrics is not None:
         metrics.videos(step, videos, titles, config.sample.fps)
+    update_report(run_dir, "running", step)
     return out_dir
 
 
@@ -351,12 +352,15 @@ def train(config, run_dir: Path, resume: Path | None = None) -> TrainState:
     Returns the final TrainState (`stopped_by` set after a signal)."""
     info = init_distributed(config.dist.strategy, config.train.device)
     try:
-        return train_on_ranks(config, Path(run_dir), resume, info)
+        state = train_on_ranks(config, Path(run_dir), resume, info)
     except BaseException as error:  # report.html says how the run ended, then the error goes on to the caller
-        if is_main(info) and (Path(run_dir) / "config.json").is_file():
-            stopped = isinstance(error, KeyboardInterrupt)
-            update_report(Path(run_dir), "stopped" if stopped else "failed", detail=None if stopped else one_line(error))
+        if is_main(info):
+            report_failure(Path(run_dir), error)
         raise
+    else:
+        if is_main(info):
+            report_end(Path(run_dir), state)
+        return state
     finally:
         destroy_distributed()
 
@@ -395,7 +399,7 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
     def checkpoint():
         return write_checkpoint(run_dir, model, ema, optimizer, scheduler, loader, state, config, info)
 
-    def validation_samples(final: bool = False):
+    def validation_samples():
         """Rank 0 samples from a plain copy of the EMA weights (gathered under FSDP) while the others wait."""
         sampling_model = plain_module_on_main(ema.model if ema else model, lambda: build_plain_model(config), info)
         out_dir = None
@@ -404,7 +408,6 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
                                                precision, dataset, device, metrics)
             if config.sample.quality_seeds:
                 log_quality(config, state.step, sampling_model, encoders, diffusion, precision, device, metrics)
-            update_report(run_dir, "finished" if final else "running", state.step)
         barrier(info)
         model.train()
         return out_dir
@@ -415,7 +418,8 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
     window_start, window_steps = time.perf_counter(), 0
     model.train()
     with StopSignals() as signals, metrics, tqdm(total=train_cfg.max_steps, initial=state.step, desc="train",
-                                                  unit="step", dynamic_ncols=True, disable=progress_disabled() if main else True) as progress, \
+                                                  unit="step", dynamic_ncols=True,
+                                                  disable=progress_disabled() if main else True) as progress, \
             profile_steps(run_dir, config.profile.steps if main else 0) as profiler:
         while state.step < train_cfg.max_steps and not stop_requested(signals, info):
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
@@ -448,12 +452,10 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
         if signals.received is not None or stop_requested(signals, info):
             state.stopped_by = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
             log.warning("stopped by %s at step %d; checkpoint %s", state.stopped_by, state.step, path)
-            if main:
-                update_report(run_dir, "stopped", state.step, state.stopped_by)
             return state
         export_weights(run_dir / "weights", model, ema.model if ema else None, info)
-        out_dir = validation_samples(final=True)
-    log.info("done: %d steps; samples in %s; report %s", state.step, out_dir, run_dir / "report.html")
+        out_dir = validation_samples()
+    log.info("done: %d steps; samples in %s", state.step, out_dir)
     return state
 
 
@@ -464,6 +466,7 @@ def log_quality(config, step, sampling_model, encoders, diffusion, precision, de
     scores = quality_metrics(config, sampling_model, encoders.vae, encoders.text_encoder, diffusion, device,
                              seeds=config.sample.quality_seeds, autocast=precision.autocast)
     metrics.write({"step": step, **{f"quality/{key}": value for key, value in scores.items()}})
+    update_report(metrics.path.parent, "running", step)  # again, now with this validation's scores
     log.info("step %d held-out quality: colour %.0f%%, direction %.0f%%, shape %.0f%%", step,
              100 * scores["colour_accuracy"], 100 * scores["direction_accuracy"], 100 * scores["shape_accuracy"])
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ristretto.engine import train as train_module
 from ristretto.engine.config import build_config
-from ristretto.engine.report import read_status, smoothed, write_report, write_status
+from ristretto.engine.report import read_status, report_failure, smoothed, write_report, write_status
 from ristretto.engine.train import TrainingFault, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +68,8 @@ def test_the_report_is_rewritten_at_each_validation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "update_report", spy)
     train(build_config("tiny-t2v", TINY + ["train.max_steps=3", "train.sample_every=1"]), tmp_path / "run")
-    assert seen == [("running", 1, [1]), ("running", 2, [2, 1]), ("finished", 3, [3, 2, 1])]
+    assert seen == [("running", 1, [1]), ("running", 2, [2, 1]), ("running", 3, [3, 2, 1])]
+    assert read_status(tmp_path / "run")["state"] == "finished"  # written when train() returned
 
 
 def test_a_failed_run_says_why_in_one_line(tmp_path, monkeypatch):
@@ -131,6 +132,8 @@ def test_status_and_smoothing_helpers(tmp_path):
     with pytest.raises(ValueError, match="report status 'done'"):
         write_status(tmp_path, "done")
     assert read_status(tmp_path)["state"] == "unknown"
+    assert report_failure(tmp_path, ValueError("bad")) is None  # no config.json: the run never started, no report
+    assert not (tmp_path / "report.html").exists()
     assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # debiased: no pull towards zero
     assert smoothed([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 20 / 3])  # weights 0.25, 0.5, normalised
 
