@@ -158,36 +158,40 @@ def write_pipeline(out: Path, state: dict[str, torch.Tensor], config, step: int 
 def pipeline_readme(config, index: dict) -> str:
     """How to load this folder: which components must be passed in, and what the pipeline does not do."""
     model = config.model
-    missing = [name for name in ("vae", "text_encoder", "tokenizer") if index[name] == [None, None]]
-    passed = {
-        "vae": "None  # pixel-space run: pass output_type=\"latent\"; the frames are pixels in [-1, 1]"
-               if model.vae == "identity" else
-               f"AutoencoderKL.from_pretrained({model.vae!r})  # set vae.config.scaling_factor = "
-               f"{model.vae_scaling_factor} if it differs",
-        "text_encoder": "None  # synthetic captions: pass prompt_embeds / negative_prompt_embeds from "
-                        "ristretto.engine.text_encoder.build_text_encoder(config.model)"
-                        if model.text_encoder == "synthetic" else f"T5EncoderModel.from_pretrained({model.text_encoder!r})",
-        "tokenizer": "None" if model.text_encoder == "synthetic" else f"AutoTokenizer.from_pretrained({model.text_encoder!r})",
+    synthetic, pixels = model.text_encoder == "synthetic", model.vae == "identity"
+    passed = {  # name: (value, comment) for components this folder does not hold
+        "vae": ("None", "pixel space: the frames are the latents") if pixels else
+               (f"AutoencoderKL.from_pretrained({model.vae!r})", f"its config.scaling_factor must be "
+                                                                  f"{model.vae_scaling_factor}"),
+        "text_encoder": ("None", "synthetic captions: pass embeddings") if synthetic else
+                        (f"T5EncoderModel.from_pretrained({model.text_encoder!r})", ""),
+        "tokenizer": ("None", "") if synthetic else (f"AutoTokenizer.from_pretrained({model.text_encoder!r})", ""),
     }
-    arguments = "".join(f",\n    {name}={passed[name]}" for name in missing)
+    arguments = "".join(f"\n    {name}={value},{'  # ' + comment if comment else ''}"
+                        for name, (value, comment) in passed.items() if index[name] == [None, None])
+    embeddings = ("from ristretto.engine.text_encoder import build_text_encoder  # with the run's config.model\n"
+                  "prompt_embeds, _ = build_text_encoder(config.model)([\"a red circle moving left\"])\n"
+                  "negative_prompt_embeds, _ = build_text_encoder(config.model)([\"\"])\n") if synthetic else ""
+    prompt = ("prompt_embeds=prompt_embeds, negative_prompt=None, negative_prompt_embeds=negative_prompt_embeds"
+              if synthetic else "prompt=\"a red circle moving left\"")
+    output = ', output_type="latent"' if pixels else ""
     return f"""# Ristretto export (step {index['_ristretto']['step']}) for diffusers' LattePipeline
 
 ```python
-import torch
 from diffusers import AutoencoderKL, LattePipeline
 from transformers import AutoTokenizer, T5EncoderModel
 
-pipe = LattePipeline.from_pretrained("<this folder>"{arguments})
-video = pipe(prompt, video_length={config.data.frames}, guidance_scale={config.diffusion.guidance_scale},
-             num_inference_steps={config.diffusion.sample_steps}).frames
+pipe = LattePipeline.from_pretrained("<this folder>",{arguments})
+{embeddings}video = pipe({prompt}, video_length={config.data.frames},
+             guidance_scale={config.diffusion.guidance_scale}, num_inference_steps={config.diffusion.sample_steps}{output}).frames
 ```
 
 - The scheduler is the run's: {index['scheduler'][1]}, prediction {config.diffusion.prediction}, zero terminal SNR
   {config.diffusion.rescale_zero_snr}.
 - The pipeline pads captions to 120 tokens and never passes a caption mask to the transformer. With one prompt it cuts
-  the embeddings to the prompt's real tokens, which equals masking; with several prompts of different lengths, or
-  with prompt_embeds you pass, padded tokens are attended to. Ristretto trained with captions of
-  {model.caption_length} tokens and masks: for the same result pass one prompt at a time.
+  the embeddings to the prompt's real tokens, which equals masking; with several prompts, or with prompt_embeds you
+  pass, padded tokens are attended to. Ristretto trained with masked captions of {model.caption_length} tokens: for
+  the same result pass one prompt at a time.
 - transformer/ has {'zero sigma channels (the run did not learn sigma; the pipeline drops them)'
                     if not model.learn_sigma else 'learned sigma channels (the pipeline drops them for DDIM)'}.
 """
