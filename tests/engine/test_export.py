@@ -79,7 +79,7 @@ def test_export_is_a_latte_pipeline_folder_with_the_runs_scheduler_and_step(t2v_
     assert pipe.transformer.config["_ristretto"] == {"step": 2, "zero_sigma_channels": True}
     record = json.loads((tmp_path / "out" / "export.json").read_text())
     assert record["step"] == 2 and record["config"]["model"]["hidden_size"] == 32
-    assert "pass prompt_embeds" in (folder / "README.md").read_text()
+    assert "pipe(prompt_embeds=prompt_embeds" in (folder / "README.md").read_text()
 
 
 def test_an_export_can_start_a_new_run(t2v_run, tmp_path):
