@@ -186,3 +186,20 @@ def test_freeze_spatial_trains_only_the_temporal_blocks(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= trainable
     assert any(k.startswith("blocks.1.") for k in changed)
+
+
+def test_frozen_run_resumes_and_cli_conflicts_are_one_line(tmp_path, capsys, latte_folder):
+    from ristretto.engine.checkpoint import latest_checkpoint
+    from ristretto.engine.cli import main
+
+    diffusers.LatteTransformer3DModel(**(LATTE | dict(in_channels=3, out_channels=3))).save_pretrained(tmp_path / "rgb")
+    run = [s for s in RUN if not s.startswith("data.kind")] + [f"model.init={tmp_path / 'rgb'}", "model.freeze=spatial"]
+    train(build_config("tiny-t2v", run), tmp_path / "run")
+    state = train(build_config("tiny-t2v", run + ["train.max_steps=3"]), tmp_path / "run",
+                  resume=latest_checkpoint(tmp_path / "run"))  # the optimizer state of the temporal blocks only
+    assert state.step == 3
+    capsys.readouterr()
+    assert main(["--set", f"model.init={latte_folder[0]}", "--set", "model.num_heads=4", "--out",
+                 str(tmp_path / "bad")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "model.num_heads=4 (pretrained: 2)" in error
