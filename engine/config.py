@@ -442,6 +442,9 @@ def validate(config: RunConfig) -> RunConfig:
     if not 0.0 <= config.diffusion.high_noise_bias <= 1.0:
         raise ConfigError(f"diffusion.high_noise_bias: expected a probability in [0, 1], got "
                           f"{config.diffusion.high_noise_bias}")
+    if model.freeze != "none" and not (model.init or model.init_spatial):
+        raise ConfigError(f"model.freeze={model.freeze}: needs model.init or model.init_spatial (frozen random weights, "
+                          f"with the final layer starting at zero, would leave nothing to learn)")
     if data.num_images < 0:
         raise ConfigError(f"data.num_images: must be >= 0, got {data.num_images}")
     return config

@@ -203,3 +203,8 @@ def test_frozen_run_resumes_and_cli_conflicts_are_one_line(tmp_path, capsys, lat
                  str(tmp_path / "bad")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "model.num_heads=4 (pretrained: 2)" in error
+
+
+def test_freeze_without_pretrained_weights_is_refused():
+    with pytest.raises(ConfigError, match="model.freeze=spatial: needs model.init or model.init_spatial"):
+        build_config("tiny-t2v", ["model.freeze=spatial"])
