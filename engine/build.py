@@ -1,6 +1,7 @@
 """From a RunConfig to a ready model: build the plain Latte, then apply the seams from outside, in a fixed order
 (torchtitan-style): kernels -> attention backend -> [pretrained weights] -> [EMA copy] -> precision (FP8
-converters) -> freeze -> activation checkpointing -> compile. The EMA copy is taken before the converters so it stays plain weights."""
+converters) -> freeze -> activation checkpointing -> compile. The EMA copy is taken before the converters so it stays
+plain weights."""
 import logging
 
 import torch

@@ -97,7 +97,8 @@ def transformer_files(state: dict[str, torch.Tensor], config, step: int | None) 
     """(config.json, state dict) of the LatteTransformer3DModel; without learned sigma, with zero sigma channels."""
     import diffusers  # noqa: PLC0415
 
-    from ristretto.model.diffusers_interop import add_zero_sigma_channels, diffusers_config, to_diffusers  # noqa: PLC0415
+    from ristretto.model.diffusers_interop import (add_zero_sigma_channels, diffusers_config,  # noqa: PLC0415
+                                                   to_diffusers)
 
     _, sample_size = latent_geometry(config)
     model_config = diffusers_config(config.model, config.data.frames, sample_size)
@@ -141,7 +142,8 @@ def write_pipeline(out: Path, state: dict[str, torch.Tensor], config, step: int 
     scheduler.save_pretrained(out / "scheduler")
     model = config.model
     index = {"_class_name": "LattePipeline", "_diffusers_version": diffusers.__version__,
-             "scheduler": ["diffusers", type(scheduler).__name__], "transformer": ["diffusers", "LatteTransformer3DModel"],
+             "scheduler": ["diffusers", type(scheduler).__name__],
+             "transformer": ["diffusers", "LatteTransformer3DModel"],
              "vae": [None, None], "text_encoder": [None, None], "tokenizer": [None, None],
              "_ristretto": {"step": step, "vae": model.vae, "vae_scaling_factor": model.vae_scaling_factor,
                             "text_encoder": model.text_encoder, "caption_length": model.caption_length}}
@@ -182,8 +184,8 @@ from diffusers import AutoencoderKL, LattePipeline
 from transformers import AutoTokenizer, T5EncoderModel
 
 pipe = LattePipeline.from_pretrained("<this folder>",{arguments})
-{embeddings}video = pipe({prompt}, video_length={config.data.frames},
-             guidance_scale={config.diffusion.guidance_scale}, num_inference_steps={config.diffusion.sample_steps}{output}).frames
+{embeddings}video = pipe({prompt}, video_length={config.data.frames}, guidance_scale={config.diffusion.guidance_scale},
+             num_inference_steps={config.diffusion.sample_steps}{output}).frames
 ```
 
 - The scheduler is the run's: {index['scheduler'][1]}, prediction {config.diffusion.prediction}, zero terminal SNR

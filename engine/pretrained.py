@@ -60,8 +60,9 @@ def find_pretrained(key: str, path: str) -> Pretrained:
             fields = model_fields_from_diffusers(config)
         except ValueError as error:
             raise ConfigError(f"{key}={path}: {error}") from None
-        return Pretrained(key, "pixart" if key == "model.init_spatial" else "latte", diffusers_weight_files(model_folder),
-                          fields, config.get("_ristretto", {}).get("zero_sigma_channels", False))
+        layout = "pixart" if key == "model.init_spatial" else "latte"
+        return Pretrained(key, layout, diffusers_weight_files(model_folder), fields,
+                          config.get("_ristretto", {}).get("zero_sigma_channels", False))
     ours = our_weights_file(folder) if key == "model.init" and folder.is_dir() else None
     if ours is not None:
         weights, config_path = ours
@@ -93,9 +94,9 @@ def adopt_pretrained_fields(config, explicit: set[str]) -> None:
         log.info("%s: model fields from the pretrained model: %s", pretrained.describe(),
                  ", ".join(f"{k}={v!r}" for k, v in changed.items()))
     if model.vae == "identity" and model.in_channels != 3 and config.data.kind != "cached":
-        raise ConfigError(f"{pretrained.describe()}: the pretrained model takes {model.in_channels}-channel latents but "
-                          f"model.vae=identity feeds it RGB pixels; set model.vae to its VAE (Latte-1, PixArt-alpha: "
-                          f"stabilityai/sd-vae-ft-ema) or use data.kind=cached")
+        raise ConfigError(f"{pretrained.describe()}: the pretrained model takes {model.in_channels}-channel latents "
+                          f"but model.vae=identity feeds it RGB pixels; set model.vae to its VAE (Latte-1, "
+                          f"PixArt-alpha: stabilityai/sd-vae-ft-ema) or use data.kind=cached")
     check_pretrained_keys(validate(config), pretrained)
 
 

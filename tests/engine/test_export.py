@@ -73,8 +73,9 @@ def test_export_is_a_latte_pipeline_folder_with_the_runs_scheduler_and_step(t2v_
     assert index["vae"] == [None, None] and index["_ristretto"]["text_encoder"] == "synthetic"
     scheduler = diffusers.DDIMScheduler.from_pretrained(str(folder / "scheduler"))
     # tiny-t2v: v-prediction on a zero-terminal-SNR cosine schedule, sampled from the last timestep
-    assert (scheduler.config.prediction_type, scheduler.config.timestep_spacing, scheduler.config.rescale_betas_zero_snr,
-            scheduler.config.beta_schedule) == ("v_prediction", "trailing", True, "squaredcos_cap_v2")
+    settings = scheduler.config
+    assert (settings.prediction_type, settings.timestep_spacing, settings.rescale_betas_zero_snr,
+            settings.beta_schedule) == ("v_prediction", "trailing", True, "squaredcos_cap_v2")
     pipe = diffusers.LattePipeline.from_pretrained(str(folder), vae=None, text_encoder=None, tokenizer=None)
     assert pipe.transformer.config["_ristretto"] == {"step": 2, "zero_sigma_channels": True}
     record = json.loads((tmp_path / "out" / "export.json").read_text())

@@ -78,7 +78,8 @@ def exported(tmp_path_factory):
 def noise(batch: int, config) -> torch.Tensor:
     """The noise our generate() draws for seed SEED, [B, F, C, h, w]."""
     size = RESOLUTION // 8
-    return torch.randn((batch, FRAMES, config.model.in_channels, size, size), generator=torch.Generator().manual_seed(SEED))
+    generator = torch.Generator().manual_seed(SEED)
+    return torch.randn((batch, FRAMES, config.model.in_channels, size, size), generator=generator)
 
 
 def pipeline_latents(pipe, batch: int, config, **kwargs) -> torch.Tensor:

@@ -21,7 +21,8 @@ LATTE = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_ch
              num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
              caption_channels=24, video_length=4)
 PIXART = {k: v for k, v in LATTE.items() if k != "video_length"} | {"use_additional_conditions": False}
-RUN = ["data.kind=cached", "data.frames=4", "data.resolution=8", "train.device=cpu", "train.batch_size=2", "train.max_steps=2",
+RUN = ["data.kind=cached",  # 4-channel latents; these tests read no data (the training ones use RGB clips)
+       "data.frames=4", "data.resolution=8", "train.device=cpu", "train.batch_size=2", "train.max_steps=2",
        "train.warmup_steps=1", "train.lr=1e-2", "diffusion.sample_steps=1", "sample.num_samples=1",
        "model.caption_channels=24"]
 
