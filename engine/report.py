@@ -12,8 +12,9 @@ Choices, and why:
   data that a browser then re-lays out), while a PNG of a curve is ~30 KB whatever the run's length. Without
   matplotlib the page still renders, with a red banner saying that the plots need it (never silently empty).
 - Sample videos are embedded as data URIs (mp4 in <video>, gif in <img>) when each file is at most
-  EMBED_LIMIT_BYTES, so report.html alone is the whole report (mail it, copy it); larger files are linked by a
-  path relative to the run folder, which works when the folder is opened from disk. Every validation step is a row,
+  EMBED_LIMIT_BYTES and the page stays under EMBED_BUDGET_BYTES, so report.html alone is the whole report (mail
+  it, copy it); other files (large videos, old validations of a long run) are linked by a path relative to the run
+  folder, which works when the folder is opened from disk. Every validation step is a row,
   latest first, each video with its caption under it.
 - The page carries a few lines of JavaScript that record whether every image and video loaded and any script
   error, as attributes on <html> (data-report-state, data-broken-images, data-broken-videos, data-errors): the
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 STATUS_NAME = "status.json"
-EMBED_LIMIT_BYTES = 2 * 2**20
+EMBED_LIMIT_BYTES = 2 * 2**20  # per file
+EMBED_BUDGET_BYTES = 64 * 2**20  # per page: the newest validations are embedded first, older ones linked beyond it
 SMOOTHING = 0.9  # weight of the past in the debiased exponential moving average of the loss (TensorBoard's kind)
 STATES = {"running": "running", "finished": "finished", "stopped": "stopped by a signal", "failed": "failed"}
 VIDEO_TYPES = {".mp4": "video/mp4", ".webm": "video/webm"}
@@ -253,15 +255,18 @@ def caption_from_name(path: Path) -> str:
     return re.sub(r"^\d+_", "", path.stem).replace("_", " ")
 
 
-def media_source(path: Path, run_dir: Path) -> str:
-    if path.stat().st_size <= EMBED_LIMIT_BYTES:
+def media_source(path: Path, run_dir: Path, budget: list[int]) -> str:
+    """A data URI while `budget` (bytes left, a one-item list shared by the page) allows, else a relative path."""
+    size = path.stat().st_size
+    if size <= min(EMBED_LIMIT_BYTES, budget[0]):
+        budget[0] -= size
         kind = VIDEO_TYPES.get(path.suffix) or IMAGE_TYPES[path.suffix]
         return f"data:{kind};base64," + base64.b64encode(path.read_bytes()).decode()
     return path.relative_to(run_dir).as_posix()
 
 
-def media_html(path: Path, caption: str, run_dir: Path) -> str:
-    source, relative = media_source(path, run_dir), html.escape(path.relative_to(run_dir).as_posix())
+def media_html(path: Path, caption: str, run_dir: Path, budget: list[int]) -> str:
+    source, relative = media_source(path, run_dir, budget), html.escape(path.relative_to(run_dir).as_posix())
     if path.suffix in VIDEO_TYPES:
         element = (f'<video src="{source}" autoplay loop muted playsinline preload="auto" '
                    f'data-file="{relative}"></video>')
@@ -274,9 +279,9 @@ def samples_html(run_dir: Path) -> str:
     rows = sample_rows(run_dir)
     if not rows:
         return "<p>No validation samples yet (train.sample_every, and always at the end of a run).</p>"
-    parts = []
+    parts, budget = [], [EMBED_BUDGET_BYTES]
     for step, media in rows:
-        cells = "".join(media_html(path, caption, run_dir) for path, caption in media)
+        cells = "".join(media_html(path, caption, run_dir, budget) for path, caption in media)
         parts.append(f'<div class="step"><h3>step {step}</h3><div class="row">{cells}</div></div>')
     return "\n".join(parts)
 

@@ -128,6 +128,15 @@ def test_large_videos_are_linked_not_embedded(finished_run, monkeypatch):
     assert "base64" not in page.split("<h2>Samples")[1]
 
 
+def test_past_the_page_budget_older_validations_are_linked(finished_run, monkeypatch):
+    step_4 = sum(p.stat().st_size for p in (finished_run / "samples" / "step_4").iterdir() if p.suffix != ".png"
+                 and p.suffix != ".json")
+    monkeypatch.setattr("ristretto.engine.report.EMBED_BUDGET_BYTES", step_4)  # room for the newest row only
+    newest, older = write_report(finished_run).read_text().split("<h2>Samples")[1].split("<h3>step 2</h3>")
+    assert newest.count("base64,") == 2 and "base64," not in older
+    assert re.search(r'<(video|img) src="samples/step_2/00_[^"]+\.(mp4|gif)"', older)
+
+
 def test_status_and_smoothing_helpers(tmp_path):
     with pytest.raises(ValueError, match="report status 'done'"):
         write_status(tmp_path, "done")
