@@ -28,7 +28,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -173,7 +172,8 @@ def throughput_plot(steps: list[dict]) -> list[tuple]:
         return []
     figure, axes = new_figure("throughput", "samples/s")
     axes.plot(x, samples, color="tab:green")
-    per_sample = [r["tokens_per_s"] / r["samples_per_s"] for r in steps if r.get("samples_per_s") and "tokens_per_s" in r]
+    per_sample = [r["tokens_per_s"] / r["samples_per_s"] for r in steps
+                  if r.get("samples_per_s") and "tokens_per_s" in r]
     if per_sample:  # tokens/s is samples/s times the fixed tokens per sample: a second scale, not a second line
         ratio = per_sample[-1]
         twin = axes.secondary_yaxis("right", functions=(lambda s: s * ratio, lambda t: t / ratio))
@@ -431,5 +431,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("MPLBACKEND", "Agg")
     sys.exit(main())

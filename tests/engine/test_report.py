@@ -149,8 +149,7 @@ def test_status_and_smoothing_helpers(tmp_path):
 
 # ------------------------------------------------------------------------------ in a real browser (headless Chromium)
 
-CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
-                None)
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
 
 
