@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from ristretto.engine.progress import progress_bar
 from ristretto.bench.common import RESULTS_DIR, bar_chart, format_table, write_results
 from ristretto.kernels.attention import attention_backend, installed_backends
 
@@ -127,8 +126,7 @@ def run(out_dir: Path | str | None = None, backends: list[str] | None = None, sm
     backends = backends or installed_backends()
     peak = bf16_peak_tflops(device)
     cases = benchmark_cases(smoke)
-    pairs = progress_bar([(case, name) for case in cases for name in backends], desc="attention", unit="case")
-    rows = [row for case, name in pairs for row in bench_backend(name, case, device, peak)]
+    rows = [row for case in cases for name in backends for row in bench_backend(name, case, device, peak)]
     print(format_table([{**row, "note": row["note"][:100]} if "note" in row else row for row in rows]))
     payload = {"config": {"smoke": smoke, "dtype": "bfloat16", "backends": backends, "bf16_peak_tflops": peak,
                           "timer": "triton.testing.do_bench (median)" if device.type == "cuda" else "wall clock",

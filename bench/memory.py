@@ -207,14 +207,14 @@ def run(args) -> dict:
     out_dir = Path(args.out) if args.out is not None else RESULTS_DIR
     precision = args.precision
     if cuda:
-        cases = progress_bar([(n, m) for n in args.configs for m in args.modes], desc="memory", unit="case")
-        rows = [gpu_row(CONFIGS[name], mode, args, out_dir) for name, mode in cases]
+        rows = [gpu_row(CONFIGS[name], mode, args, out_dir)
+                for name in progress_bar(args.configs, desc="memory", unit="config") for mode in args.modes]
         fit_rows = []
     else:
         # fp32 on CPU: bf16 autocast is slow there (tests/engine/test_plan.py checks a bf16 case too)
         precision = "fp32" if precision == "bf16" else precision
-        cases = progress_bar([(c, m) for c in SMOKE_CONFIGS for m in args.modes], desc="memory", unit="case")
-        rows = [smoke_row(config, mode, precision, args.attention) for config, mode in cases]
+        rows = [smoke_row(config, mode, precision, args.attention)
+                for config in progress_bar(SMOKE_CONFIGS, desc="memory", unit="config") for mode in args.modes]
         fit_rows = planner_fit_rows(args, 80.0) if args.fit else []
     print(format_table(rows))
     if fit_rows:
@@ -223,17 +223,17 @@ def run(args) -> dict:
                           "measured": "torch.cuda.max_memory_allocated over 2 optimizer steps" if cuda
                           else "bytes saved for backward (saved_tensors_hooks) in one training forward"},
                "rows": rows, "planner_fit": fit_rows}
-    # written on CPU too: its JSON says "smoke": true
-    unit = "GiB" if cuda else "MiB"
-    labels = [f"{r['config']} {r['checkpointing']}" for r in rows]
-    series = {kind: [r.get(f"{kind} {unit}") or 0.0 for r in rows] for kind in ("planned", "measured")}
-    write_report("memory", payload, args.out, labels, series, unit, "memory, planned vs measured")
+    if rows:  # on a CPU too, to runs/bench/ unless --out: its JSON says "smoke": true
+        unit = "GiB" if cuda else "MiB"
+        labels = [f"{r['config']} {r['checkpointing']}" for r in rows]
+        series = {kind: [r.get(f"{kind} {unit}") or 0.0 for r in rows] for kind in ("planned", "measured")}
+        write_report("memory", payload, args.out, labels, series, unit, "memory, planned vs measured")
     return payload
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR})")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR} on a GPU)")
     parser.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS),
                         help=f"comma-separated GPU configs from {', '.join(CONFIGS)}")
     parser.add_argument("--modes", type=lambda s: s.split(","), default=list(CHECKPOINTING_MODES),

@@ -227,17 +227,17 @@ def run(args) -> dict:
     precision = "fp32" if device.type != "cuda" and args.precision == "bf16" else args.precision
     peak_tflops = bf16_peak_tflops(device)
     rows = []
-    cases = [(step_config, mode) for step_config in step_configs for mode in args.checkpointing]
-    for step_config, mode in progress_bar(cases, desc="train step", unit="case"):
-        config = bench_config(step_config, args, precision, mode)
-        implementations = ["ours"]
-        if step_config.with_diffusers and precision in ("bf16", "fp32"):
-            implementations.append("diffusers")
-        base = {"config": step_config.label, "checkpointing": mode, "batch": config.train.batch_size}
-        found = [{**base, **bench_one(name, config, device, args.steps, peak_tflops)} for name in implementations]
-        if len(found) == 2 and "ms/step" in found[0] and "ms/step" in found[1]:
-            found[0]["speedup vs diffusers"] = found[1]["ms/step"] / found[0]["ms/step"]
-        rows.extend(found)
+    for step_config in progress_bar(step_configs, desc="train step", unit="config"):
+        for mode in args.checkpointing:
+            config = bench_config(step_config, args, precision, mode)
+            implementations = ["ours"]
+            if step_config.with_diffusers and precision in ("bf16", "fp32"):
+                implementations.append("diffusers")
+            base = {"config": step_config.label, "checkpointing": mode, "batch": config.train.batch_size}
+            found = [{**base, **bench_one(name, config, device, args.steps, peak_tflops)} for name in implementations]
+            if len(found) == 2 and "ms/step" in found[0] and "ms/step" in found[1]:
+                found[0]["speedup vs diffusers"] = found[1]["ms/step"] / found[0]["ms/step"]
+            rows.extend(found)
     print(format_table(rows))
     payload = {"config": {"smoke": smoke, "precision": precision, "kernels": args.kernels,
                           "attention": args.attention, "compile": args.compile, "steps": args.steps,
@@ -245,18 +245,18 @@ def run(args) -> dict:
                           "timer": "CUDA-synchronised wall clock (median)" if device.type == "cuda" else "wall clock",
                           "configs": [c.__dict__ for c in step_configs]},
                "rows": rows}
-    # written on CPU too: its JSON says "smoke": true (CPU numbers say nothing about GPU speed)
-    labels = [f"{r['config']} {r['checkpointing']}" for r in rows if r["impl"] == "ours"]
-    series = {impl: [next((r.get("samples/s", 0.0) for r in rows if r["impl"] == impl
-                           and f"{r['config']} {r['checkpointing']}" == label), 0.0) for label in labels]
-              for impl in dict.fromkeys(r["impl"] for r in rows)}
-    write_report("step", payload, args.out, labels, series, "samples/s", "train step")
+    if rows:  # on a CPU too, to runs/bench/ unless --out: its JSON says "smoke": true (no GPU speed in it)
+        labels = [f"{r['config']} {r['checkpointing']}" for r in rows if r["impl"] == "ours"]
+        series = {impl: [next((r.get("samples/s", 0.0) for r in rows if r["impl"] == impl
+                               and f"{r['config']} {r['checkpointing']}" == label), 0.0) for label in labels]
+                  for impl in dict.fromkeys(r["impl"] for r in rows)}
+        write_report("step", payload, args.out, labels, series, "samples/s", "train step")
     return payload
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR})")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR} on a GPU)")
     parser.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS),
                         help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--checkpointing", type=lambda s: s.split(","), default=["none", "full"],
