@@ -268,7 +268,11 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         where = f"{error.filename}: " if error.filename else ""
         return f"{where}{error.strerror}"
-    return " ".join(str(error).split()) or type(error).__name__
+    message = str(error)
+    if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the original error's last line
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ":") else last
+    return " ".join(message.split()) or type(error).__name__
 
 
 def main(argv=None) -> int:

@@ -4,12 +4,17 @@ config.validate; these raise the same ConfigError, one line naming the field and
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import time
 
 import torch
 
 from .config import ConfigError
 
+log = logging.getLogger(__name__)
+# Test hook: seconds to pause at the start of set-up (a window to send a signal in, as a slow data or model load).
+SETUP_DELAY_ENV = "RISTRETTO_TEST_SETUP_DELAY"
 # train.precision -> (module, how to install it)
 FP8_BACKENDS = {"fp8-te": ("transformer_engine", "pip install transformer-engine[pytorch]"),
                 "fp8-ao": ("torchao", "pip install torchao")}
@@ -17,6 +22,9 @@ FP8_BACKENDS = {"fp8-te": ("transformer_engine", "pip install transformer-engine
 
 def check_environment(config, device: torch.device) -> None:
     """The GPU and packages the config asks for are here."""
+    if os.environ.get(SETUP_DELAY_ENV):
+        log.warning("test hook: pausing set-up for %s s", os.environ[SETUP_DELAY_ENV])
+        time.sleep(float(os.environ[SETUP_DELAY_ENV]))
     precision, kernels = config.train.precision, config.model.kernels
     if precision in FP8_BACKENDS:
         if device.type != "cuda":
@@ -87,3 +95,13 @@ def check_dataset(config, dataset, world_size: int) -> None:
         extra = f" (the last: {names[config.model.num_classes:][:3]})" if names else ""
         raise ConfigError(f"model.num_classes={config.model.num_classes}: the dataset ({config.data.kind}) has "
                           f"{count} classes{extra}; set --set model.num_classes={count}")
+
+
+def check_first_batch(config, dataset) -> None:
+    """File-backed datasets: read one batch now, so a manifest of only unreadable files (or a missing folder behind
+    it) is a set-up error, before anything is written, not a fault at the first step. Their items are keyed by
+    (seed, index), so this read changes no randomness of the run."""
+    from .video_data import SkippingDataset  # noqa: PLC0415
+
+    if isinstance(dataset, SkippingDataset):
+        dataset.__getitems__(list(range(min(len(dataset), config.train.batch_size))))

@@ -34,7 +34,7 @@ from .datasets import build_dataset, build_loader
 from .diffusion import Diffusion
 from .metrics import MetricsLog, truncate_metrics
 from .plan import predict_memory
-from .preflight import check_dataset, check_environment, check_sampling
+from .preflight import check_dataset, check_environment, check_first_batch, check_sampling
 from .profiling import profile_steps
 from .sample import sample_videos, validation_prompts, write_samples
 from .distributed import (DistInfo, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
@@ -431,6 +431,7 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo, o
     train_cfg = config.train
     dataset = build_dataset(config)
     check_dataset(config, dataset, info.world_size)
+    check_first_batch(config, dataset)
     sampler = ResumableSampler(len(dataset), train_cfg.seed, rank=info.rank, world_size=info.world_size,
                                block=train_cfg.batch_size, tag_epochs=getattr(dataset, "epoch_tagged_indices", False))
     loader = build_loader(dataset, train_cfg.batch_size, sampler, config.data.num_workers, device)

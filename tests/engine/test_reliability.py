@@ -134,3 +134,162 @@ def test_pruning_touches_only_finished_checkpoints_and_keep_last_is_checked(tmp_
     for bad in ("-2", "0"):
         with pytest.raises(ConfigError, match="train.keep_last"):
             build_config("tiny-t2v", [f"train.keep_last={bad}"])
+
+
+# ------------------------------------------------------------------------------------------ resume semantics
+
+def test_resume_keeps_earlier_overrides_applies_lr_and_records_history(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert cli_main([*sets(TINY + ["train.max_steps=2", "train.lr=1e-3"]), "--out", str(run_dir)]) == 0
+    # Only the new fields on the command line: the run's earlier --sets (width, batch, warm-up...) stay.
+    assert cli_main(["--set", "train.max_steps=4", "--set", "train.lr=5e-3", "--resume", "auto",
+                     "--out", str(run_dir)]) == 0
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["model"]["hidden_size"] == 32 and saved["train"]["batch_size"] == 2
+    assert saved["train"]["lr"] == 5e-3 and saved["train"]["warmup_steps"] == 1
+    (entry,) = saved["resumes"]
+    assert entry["step"] == 2 and entry["changed"] == {"train.max_steps": [2, 4], "train.lr": [1e-3, 5e-3]}
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("event")) for r in lines] == [(1, None), (2, None), (2, "resume"), (3, None), (4, None)]
+    assert [r["lr"] for r in lines if "lr" in r] == [1e-3, 1e-3, 5e-3, 5e-3]  # the new rate is the one used
+    state = load_training_state(latest_checkpoint(run_dir))
+    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [5e-3]
+    assert state["scheduler"]["base_lrs"] == [5e-3]
+    # Fields that decide which samples a step sees, and another preset, are refused with one line; nothing changes.
+    before = (run_dir / "config.json").read_text()
+    for args, field in ((["--set", "train.batch_size=4"], "train.batch_size"),
+                        (["--set", "train.grad_accum=2"], "train.grad_accum"),
+                        (["--set", "model.depth=2"], "model.depth"), (["--preset", "tiny-class"], "tiny-class")):
+        capsys.readouterr()
+        assert cli_main([*args, "--resume", "auto", "--out", str(run_dir)]) == 2
+        assert field in one_error(capsys)
+    assert (run_dir / "config.json").read_text() == before
+
+
+# ----------------------------------------------------------------------- one line for every bad input, up front
+
+BAD_SETTINGS = [("train.lr=nan", "train.lr"), ("train.lr=-1e-3", "train.lr"), ("train.lr=0", "train.lr"),
+                ("train.betas=0.9,1.5", "train.betas"), ("train.betas=0.9", "train.betas"),
+                ("train.weight_decay=-0.1", "train.weight_decay"), ("diffusion.guidance_scale=nan", "diffusion.guidance_scale"),
+                ("diffusion.guidance_scale=inf", "diffusion.guidance_scale"),
+                ("diffusion.sample_steps=5000", "diffusion.sample_steps"), ("train.keep_last=-2", "train.keep_last"),
+                ("data.max_bad_fraction=2", "data.max_bad_fraction"), ("train.grad_clip=-1", "train.grad_clip"),
+                ("diffusion.beta_end=2", "diffusion.beta"), ("sample.num_samples=0", "sample.num_samples")]
+
+
+@pytest.mark.parametrize("setting,field", BAD_SETTINGS)
+def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, capsys, setting, field):
+    run_dir = tmp_path / "run"
+    assert cli_main([*sets(TINY + [setting]), "--out", str(run_dir)]) == 2
+    assert field in one_error(capsys)
+    assert not run_dir.exists()
+
+
+def bad_start(tmp_path, capsys, items, field, monkeypatch=None) -> None:
+    """A start that fails in set-up: exit 2, one line naming `field`, and the folder it created is gone again."""
+    run_dir = tmp_path / "run"
+    assert cli_main([*sets(TINY + items), "--out", str(run_dir)]) == 2
+    line = one_error(capsys)
+    assert field in line, line
+    assert not run_dir.exists()
+
+
+def test_environment_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    bad_start(tmp_path, capsys, ["train.precision=fp8-te"], "train.precision=fp8-te")
+    bad_start(tmp_path, capsys, ["train.precision=fp8-ao"], "train.precision=fp8-ao")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bad_start(tmp_path, capsys, ["model.kernels=triton"], "model.kernels=triton")
+
+
+def test_dataset_too_small_and_class_count_are_checked_at_start(tmp_path, capsys):
+    bad_start(tmp_path, capsys, ["data.synthetic_size=1"], "train.batch_size=2")
+    bad_start(tmp_path, capsys, ["model.kind=class", "model.num_classes=5"], "model.num_classes=5")
+
+
+def videos_folder(tmp_path) -> Path:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import media_fixtures as media
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    media.write_video(folder / "good.mp4", 6, width=16, height=16)
+    media.write_corrupt(folder / "bad.mp4")
+    return folder
+
+
+def test_class_folders_beyond_num_classes_and_data_errors_are_one_line(tmp_path, capsys):
+    media = videos_folder(tmp_path)
+    classes = tmp_path / "classes"
+    for index in range(7):
+        (classes / f"class_{index}").mkdir(parents=True)
+        (classes / f"class_{index}" / "clip.mp4").write_bytes((media / "good.mp4").read_bytes())
+    common = ["model.kind=class", "data.kind=class_folders", f"data.root={classes}"]
+    bad_start(tmp_path, capsys, common + ["model.num_classes=6"], "model.num_classes=6")
+    bad_start(tmp_path, capsys, ["data.kind=class_folders", f"data.root={tmp_path / 'nowhere'}"], "data.root")
+    manifest = tmp_path / "only_bad.csv"
+    manifest.write_text("path,caption\nbad.mp4,a clip\nmissing.mp4,another\n")
+    bad_start(tmp_path, capsys, ["data.kind=captioned", f"data.manifest={manifest}", f"data.root={media}"],
+              "unusable")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("path,caption\ngood.mp4,caf\u00e9 au lait\n".encode("latin-1"))
+    bad_start(tmp_path, capsys, ["data.kind=captioned", f"data.manifest={latin}", f"data.root={media}"],
+              f"{latin}:2: not UTF-8")
+    wrong_type = tmp_path / "list.jsonl"
+    wrong_type.write_text('{"path": ["good.mp4"], "caption": "x"}\n')
+    bad_start(tmp_path, capsys, ["data.kind=captioned", f"data.manifest={wrong_type}", f"data.root={media}"],
+              f"{wrong_type}:1: path must be")
+
+
+def test_manifests_with_bom_nan_times_and_wrong_types(tmp_path):
+    from ristretto.engine.video_data import DataError, read_manifest
+
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("path,caption\nclip.mp4,caf\u00e9\n".encode("utf-8-sig"))
+    (entry,) = read_manifest(bom)
+    assert entry.caption == "caf\u00e9" and entry.path.endswith("clip.mp4")
+    bom_jsonl = tmp_path / "bom.jsonl"
+    bom_jsonl.write_bytes('{"path": "clip.mp4", "caption": "x", "label": 2}\n'.encode("utf-8-sig"))
+    assert read_manifest(bom_jsonl)[0].label == 2
+    cases = {"nan.csv": ("path,caption,start\nclip.mp4,x,0\nclip.mp4,y,nan\n", ":3: start must be a finite"),
+             "inf.jsonl": ('{"path": "a.mp4", "caption": "x", "end": 1e999}\n', ":1: end must be a finite"),
+             "neg.csv": ("path,caption,start\nclip.mp4,x,-1\n", ":2: start must be a finite"),
+             "dict.jsonl": ('{"path": "a.mp4", "caption": {"en": "x"}}\n', ":1: caption must be a string"),
+             "label.jsonl": ('{"path": "a.mp4", "caption": "x", "label": "two"}\n', ":1: label must be"),
+             "bool.jsonl": ('{"path": "a.mp4", "caption": "x", "start": true}\n', ":1: start must be"),
+             "badbyte.jsonl": (b'{"path": "a.mp4", "caption": "x"}\n{"path": "b.mp4", "caption": "\xff"}\n',
+                               ":2: not UTF-8")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(DataError) as caught:
+            read_manifest(path)
+        assert f"{path}{message}" in str(caught.value), (name, str(caught.value))
+
+
+def test_a_failed_start_in_an_existing_folder_leaves_it_as_it_was(tmp_path, capsys):
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("kept")
+    assert cli_main([*sets(TINY + ["data.synthetic_size=1"]), "--out", str(run_dir)]) == 2
+    one_error(capsys)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+    assert cli_main([*sets(TINY + ["train.max_steps=1"]), "--out", str(run_dir)]) == 0  # a plain rerun is accepted
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="synthetic"):
+        cli_main([*sets(TINY + ["data.synthetic_size=1"]), "--out", str(tmp_path / "run"), "--debug"])
+    monkeypatch.setenv("RISTRETTO_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        cli_main([*sets(TINY + ["data.synthetic_size=1"]), "--out", str(tmp_path / "run")])
+
+
+def test_a_fault_after_training_started_exits_1_and_keeps_the_run(tmp_path, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "run" / "checkpoints"))
+
+    monkeypatch.setattr(train_module, "save_distributed", disk_full)
+    run_dir = tmp_path / "run"
+    assert cli_main([*sets(TINY + ["train.max_steps=2"]), "--out", str(run_dir)]) == 1
+    assert "No space left on device" in one_error(capsys)
+    assert (run_dir / "config.json").exists()  # training had started: its folder stays, resumable
