@@ -57,11 +57,17 @@ def raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-def configure_threads() -> None:
-    """CPU threads for this machine: as many as the CPUs this process may run on (not all the host's), and OpenMP
-    threads that sleep instead of spinning when idle (spinning threads steal the cores of data-loader workers and of
-    other processes). Both only when the user has not set them; must run before torch starts its thread pool."""
+def configure_openmp() -> None:
+    """OpenMP threads that sleep instead of spinning when idle (spinning threads steal the cores of data-loader
+    workers and of other processes), unless the user chose a policy. OpenMP reads it once, when torch is first
+    imported: main() calls this before anything imports torch."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def configure_threads() -> None:
+    """CPU threads for this machine: as many as the CPUs this process may run on (its affinity: a container's or
+    taskset's share, not all the host's), unless the user set OMP_NUM_THREADS; and the OpenMP wait policy."""
+    configure_openmp()
     if "OMP_NUM_THREADS" not in os.environ:
         import torch  # noqa: PLC0415
 
@@ -276,6 +282,7 @@ def one_line(error: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    configure_openmp()
     args = parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run

@@ -293,3 +293,119 @@ def test_a_fault_after_training_started_exits_1_and_keeps_the_run(tmp_path, caps
     assert cli_main([*sets(TINY + ["train.max_steps=2"]), "--out", str(run_dir)]) == 1
     assert "No space left on device" in one_error(capsys)
     assert (run_dir / "config.json").exists()  # training had started: its folder stays, resumable
+
+
+# ------------------------------------------------------------------------------------- signals in every phase
+
+def read_until(stream, text: str, process, timeout: float = 240) -> str:
+    """Lines of `stream` until one contains `text` (the process's own log says which phase it is in)."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"{text!r} not seen: {''.join(seen)[-3000:]}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_set_up_stops_at_once_and_leaves_no_folder(tmp_path, signum):
+    run_dir = tmp_path / "run"
+    process = train_process(run_dir, env=dict(os.environ, RISTRETTO_TEST_SETUP_DELAY="60"))
+    try:
+        read_until(process.stderr, "pausing set-up", process)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    (line,) = error_lines(stderr)
+    assert "during set-up" in line and signal.Signals(signum).name in line
+    assert not run_dir.exists()
+
+
+def test_a_signal_during_final_sampling_stops_it(tmp_path):
+    run_dir = tmp_path / "run"
+    items = TINY + ["train.max_steps=2", "diffusion.sample_steps=1000", "sample.num_samples=4",
+                    "data.resolution=16", "data.frames=4"]
+    process = train_process(run_dir, items=items)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "weights").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the weights are exported just before the final samples
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, stderr[-3000:]
+    assert time.monotonic() - started < 20  # 1000 sampling steps were not run to the end
+    assert "Traceback" not in stderr and "stopped by SIGINT at step 2" in stderr
+    assert not (run_dir / "samples").exists()
+    assert load_training_state(latest_checkpoint(run_dir))["step"] == 2
+
+
+def test_a_signal_during_validation_sampling_stops_it_and_checkpoints(tmp_path, monkeypatch):
+    def sampling_that_gets_interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # the signal ends this at once
+        raise AssertionError("sampling was not interrupted")
+
+    monkeypatch.setattr(train_module, "write_validation_samples", sampling_that_gets_interrupted)
+    config = build_config("tiny-t2v", TINY + ["train.max_steps=10", "train.sample_every=3"])
+    started = time.monotonic()
+    state = train_module.train(config, tmp_path / "run")
+    assert time.monotonic() - started < 25
+    assert state.stopped_by == "SIGINT" and state.step == 3
+    assert load_training_state(latest_checkpoint(tmp_path / "run"))["step"] == 3
+    assert not (tmp_path / "run" / "weights").exists()
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch, capsys):
+    real = train_module.micro_step_loss
+
+    def signalled_twice(model, diffusion, precision, latents, conditions, first_index, config):
+        if first_index == 4:  # inside step 3
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, diffusion, precision, latents, conditions, first_index, config)
+
+    monkeypatch.setattr(train_module, "micro_step_loss", signalled_twice)
+    run_dir = tmp_path / "run"
+    assert cli_main([*sets(TINY + ["train.max_steps=10", "train.ckpt_every=1"]), "--out", str(run_dir)]) == 130
+    assert "stopped at once" in one_error(capsys)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000001", "step_00000002"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+# --------------------------------------------------------------------------------------- checkpoints, threads
+
+def test_a_weight_file_dropped_from_the_manifest_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    train_module.train(build_config("tiny-t2v", TINY + ["train.max_steps=1"]), run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    del manifest["files"]["ema.safetensors"]
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    data = (checkpoint / "ema.safetensors").read_bytes()
+    (checkpoint / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="ema.safetensors is not in manifest.json"):
+        verify_checkpoint(checkpoint)
+    assert latest_checkpoint(run_dir) is None
+
+
+def test_cpu_threads_follow_the_affinity_and_openmp_waits_passively(tmp_path):
+    # The process may run on 3 CPUs (a cgroup/taskset share), whatever torch would pick on its own (here: all).
+    probe = ("import os; os.sched_getaffinity = lambda pid: {0, 1, 2}; from ristretto.engine.cli import "
+             "configure_threads; configure_threads(); import torch; "
+             "print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["3", "PASSIVE"]
+    user = dict(env, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE")  # what the user set wins
+    out = subprocess.run([sys.executable, "-c", probe], env=user, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "ACTIVE"]
