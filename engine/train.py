@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .build import build_plain_model, build_training_model, latent_geometry
-from .checkpoint import checkpoint_dir, prune_checkpoints, rng_state, set_rng_state
+from .checkpoint import CheckpointError, checkpoint_dir, prune_checkpoints, rng_state, set_rng_state
 from .config import RESUMES_KEY, config_to_dict
 from .datasets import build_dataset, build_loader
 from .diffusion import Diffusion
@@ -348,13 +348,19 @@ def resume_from(path: Path, run_dir: Path, model, ema, optimizer, scheduler, loa
                 train_cfg=None) -> TrainState:
     """Load checkpoint `path` (written by any number of ranks) into the built run; cut metrics.jsonl to its step.
     The optimizer fields of `train_cfg` (this run's config) replace the saved ones (apply_optimizer_fields)."""
-    saved = load_distributed(path, model, optimizer, ema.model if ema is not None else None, info)
-    scheduler.load_state_dict(saved["scheduler"])
-    if train_cfg is not None:
-        apply_optimizer_fields(optimizer, scheduler, train_cfg)
-    loader.load_state_dict(local_data_state(saved["loader"], info))
-    set_rng_state(saved["rng"])
-    state = TrainState(**saved["train_state"])
+    try:
+        saved = load_distributed(path, model, optimizer, ema.model if ema is not None else None, info)
+        scheduler.load_state_dict(saved["scheduler"])
+        if train_cfg is not None:
+            apply_optimizer_fields(optimizer, scheduler, train_cfg)
+        loader.load_state_dict(local_data_state(saved["loader"], info))
+        set_rng_state(saved["rng"])
+        state = TrainState(**saved["train_state"])
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a checksummed file that still does not load: tampered or foreign
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded into this run ({type(error).__name__}: "
+                              f"{' '.join(str(error).split())[:300]})") from error
     if is_main(info):
         dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
         log.info("resumed from %s at step %d (%d metrics lines after it dropped)", path, state.step, dropped)
