@@ -135,7 +135,8 @@ def check_same_shape(config, saved: dict, saved_path: Path) -> None:
 def find_resume_checkpoint(spec: str, out: Path | None, lock) -> tuple[Path, Path | None]:
     """(run dir, checkpoint folder or None for a fresh start) for --resume `spec`; `lock(run_dir)` is called once the
     run folder is known and before its checkpoints are read, so no other writer is changing them."""
-    from .checkpoint import MANIFEST, CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint  # noqa: PLC0415
+    from .checkpoint import (MANIFEST, CheckpointError, latest_checkpoint, list_checkpoints,  # noqa: PLC0415
+                             verify_checkpoint)
 
     if spec == "auto":
         if out is None:
@@ -277,7 +278,8 @@ def one_line(error: BaseException) -> str:
     message = str(error)
     if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the original error's last line
         last = message.strip().splitlines()[-1]
-        message = last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ":") else last
+        name, _, rest = last.partition(": ")
+        message = rest if name.split(".")[-1] == type(error).__name__ else last
     return " ".join(message.split()) or type(error).__name__
 
 

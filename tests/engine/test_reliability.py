@@ -170,7 +170,8 @@ def test_resume_keeps_earlier_overrides_applies_lr_and_records_history(tmp_path,
 
 BAD_SETTINGS = [("train.lr=nan", "train.lr"), ("train.lr=-1e-3", "train.lr"), ("train.lr=0", "train.lr"),
                 ("train.betas=0.9,1.5", "train.betas"), ("train.betas=0.9", "train.betas"),
-                ("train.weight_decay=-0.1", "train.weight_decay"), ("diffusion.guidance_scale=nan", "diffusion.guidance_scale"),
+                ("train.weight_decay=-0.1", "train.weight_decay"),
+                ("diffusion.guidance_scale=nan", "diffusion.guidance_scale"),
                 ("diffusion.guidance_scale=inf", "diffusion.guidance_scale"),
                 ("diffusion.sample_steps=5000", "diffusion.sample_steps"), ("train.keep_last=-2", "train.keep_last"),
                 ("data.max_bad_fraction=2", "data.max_bad_fraction"), ("train.grad_clip=-1", "train.grad_clip"),
@@ -409,3 +410,19 @@ def test_cpu_threads_follow_the_affinity_and_openmp_waits_passively(tmp_path):
     user = dict(env, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE")  # what the user set wins
     out = subprocess.run([sys.executable, "-c", probe], env=user, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "ACTIVE"]
+
+
+def test_an_error_reraised_from_a_data_loader_worker_is_still_one_line():
+    from torch._utils import ExceptionWrapper
+
+    from ristretto.engine.cli import one_line
+    from ristretto.engine.video_data import DataError
+
+    try:
+        raise DataError("3 of 5 draws for a batch of 2 were unusable")
+    except DataError:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as caught:
+        wrapper.reraise()
+    assert "Traceback" in str(caught.value)  # what torch hands over: the worker's whole traceback
+    assert one_line(caught.value) == "3 of 5 draws for a batch of 2 were unusable"
