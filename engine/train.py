@@ -275,7 +275,7 @@ class StopSignals:
 
     @contextmanager
     def interruptible(self):
-        """A phase that a first signal ends at once (PhaseInterrupted, caught by `run_unless_interrupted`)."""
+        """A phase that a first signal ends at once: PhaseInterrupted, which the phase's caller catches."""
         if self.received is not None:
             raise PhaseInterrupted(self.received)
         self._interruptible = True
@@ -459,6 +459,8 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo, o
     if main:  # the run's first files: only now that every check has passed
         run_dir.mkdir(parents=True, exist_ok=True)
         resume_entry = write_run_config(run_dir, config, resume, state.step)
+        if resume is None:  # `--resume auto` restarting a run that stopped before its first checkpoint
+            truncate_metrics(run_dir / "metrics.jsonl", 0)
     metrics = MetricsLog(run_dir, config.log, config_to_dict(config), enabled=main)
     if resume is not None:
         metrics.write({"step": state.step, "event": "resume", "checkpoint": str(resume),

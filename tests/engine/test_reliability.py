@@ -426,3 +426,23 @@ def test_an_error_reraised_from_a_data_loader_worker_is_still_one_line():
         wrapper.reraise()
     assert "Traceback" in str(caught.value)  # what torch hands over: the worker's whole traceback
     assert one_line(caught.value) == "3 of 5 draws for a batch of 2 were unusable"
+
+
+def test_resume_auto_restarts_a_run_that_stopped_before_its_first_checkpoint(tmp_path, capsys, monkeypatch):
+    real = train_module.micro_step_loss
+
+    def fault_in_step_three(model, diffusion, precision, latents, conditions, first_index, config):
+        if first_index == 4:
+            raise train_module.TrainingFault("simulated fault in step 3")
+        return real(model, diffusion, precision, latents, conditions, first_index, config)
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(train_module, "micro_step_loss", fault_in_step_three)
+    assert cli_main([*sets(TINY + ["train.max_steps=4", "train.lr=2e-3"]), "--out", str(run_dir)]) == 1
+    one_error(capsys)
+    assert not list_checkpoints(run_dir) and (run_dir / "metrics.jsonl").read_text().count('"loss"') == 2
+    monkeypatch.setattr(train_module, "micro_step_loss", real)
+    assert cli_main(["--resume", "auto", "--out", str(run_dir)]) == 0  # its saved config, from step 0
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert json.loads((run_dir / "config.json").read_text())["train"]["lr"] == 2e-3
