@@ -8,7 +8,8 @@ A checkpoint is a folder `<run>/checkpoints/step_<N>/`:
     manifest.json       step + sha256 of every file above; written last
 The folder is written under a temporary name (`.tmp-step_<N>-<pid>`), every file fsync'd, then renamed in one step:
 a kill during the write leaves only a temporary folder, which loading ignores and the next save removes. A checkpoint
-whose manifest is missing or whose files do not match their checksums is reported with its path and skipped.
+whose manifest is missing, whose files do not match their checksums, or which holds a .safetensors/.pt file
+the manifest does not list (it would be loaded unverified) is reported with its path and skipped.
 Nothing here unpickles: weights are safetensors, the rest goes through torch.load(weights_only=True).
 """
 from __future__ import annotations
