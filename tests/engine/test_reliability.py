@@ -116,6 +116,21 @@ def test_export_into_a_busy_run_is_refused(tmp_path, capsys):
     assert f"PID {os.getpid()}" in err and not (run_dir / "export").exists()
 
 
+def test_ctrl_c_during_export_is_one_line_and_releases_the_run(tmp_path, capsys, monkeypatch):
+    from ristretto.engine import export as export_module
+
+    def interrupted(run_dir, out_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "export_run", interrupted)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    assert export_module.main(["--run", str(run_dir)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert RunLock(run_dir).acquire().held  # the export's lock went with it
+
+
 def test_pruning_touches_only_finished_checkpoints_and_keep_last_is_checked(tmp_path):
     model = torch.nn.Linear(2, 2)
     for step in (1, 2, 3):
