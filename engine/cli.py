@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import (PRESETS, ConfigError, apply_override, build_config, config_from_dict, config_to_dict,
@@ -283,6 +284,21 @@ def one_line(error: BaseException) -> str:
     return " ".join(message.split()) or type(error).__name__
 
 
+@contextmanager
+def stop_at_once_on_signals():
+    """Until the training loop takes them over (and after it), SIGINT/SIGTERM raise Interrupted: set-up stops at
+    once with one line and exit 130/143."""
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread only
+        yield
+        return
+    previous = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv=None) -> int:
     configure_openmp()
     args = parse_args(argv)
@@ -290,50 +306,20 @@ def main(argv=None) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Until the training loop takes them over, SIGINT/SIGTERM stop set-up at once (one line, exit 130/143).
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {signum: signal.signal(signum, raise_interrupted)
-                for signum in (signal.SIGINT, signal.SIGTERM) if in_main_thread}
-    folder = RunFolder()
-    started = []  # set by train() once set-up has passed and training begins
-
-    def fail(error: BaseException, code: int) -> int:
-        if debug:
-            raise error
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return code
-
-    try:
+    folder, started, run_dir = RunFolder(), [], args.out
+    with stop_at_once_on_signals():
         try:
             config, run_dir, checkpoint = prepare(args, folder.take)
             configure_threads()
             from .train import train  # noqa: PLC0415 - heavy imports only once the arguments are known to be good
 
             state = train(config, run_dir, resume=checkpoint, on_start=lambda: started.append(True))
-        except Interrupted as interrupt:
+        except (Interrupted, KeyboardInterrupt, Exception) as error:  # noqa: BLE001 - sorted in exit_after
             if not started:
-                folder.undo()
-                print(f"error: interrupted by {interrupt} during set-up; nothing was trained", file=sys.stderr)
-            else:
-                print(f"error: stopped at once by a second {interrupt}; resume from the last checkpoint with: "
-                      f"python train.py --resume auto --out {run_dir}", file=sys.stderr)
-            return 128 + interrupt.signum
-        except KeyboardInterrupt:  # SIGINT delivered before our handler was in place, or through a library's own
-            if not started:
-                folder.undo()
-            print("error: interrupted by SIGINT", file=sys.stderr)
-            return 128 + signal.SIGINT
-        except Exception as error:  # noqa: BLE001 - sorted below: expected ones are one line, bugs keep a traceback
-            if not started:
-                folder.undo()
-            if not isinstance(error, (ConfigError, OSError, *loaded_errors(USER_ERRORS), *loaded_errors(FAULTS))):
-                raise
-            fault = bool(started) or isinstance(error, loaded_errors(FAULTS))
-            return fail(error, EXIT_FAULT if fault else EXIT_USAGE)
-    finally:
-        folder.release()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+                folder.undo()  # a failed start leaves the folder as it found it
+            return exit_after(error, bool(started), run_dir, debug)
+        finally:
+            folder.release()
     if state.stopped_by is not None:
         print(f"stopped by {state.stopped_by} at step {state.step}; resume with: "
               f"python train.py --resume auto --out {run_dir}", file=sys.stderr)
@@ -342,6 +328,25 @@ def main(argv=None) -> int:
     if main_rank:
         print(f"run written to {run_dir}")
     return 0
+
+
+def exit_after(error: BaseException, started: bool, run_dir: Path | None, debug: bool) -> int:
+    """One `error:` line and the exit code for an error that ended the run; a bug (or --debug) keeps its
+    traceback."""
+    if isinstance(error, (Interrupted, KeyboardInterrupt)):
+        signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        if started:
+            print(f"error: stopped at once by a second {name}; resume from the last checkpoint with: "
+                  f"python train.py --resume auto --out {run_dir}", file=sys.stderr)
+        else:
+            print(f"error: interrupted by {name} during set-up; nothing was trained", file=sys.stderr)
+        return 128 + signum
+    expected = (ConfigError, OSError, *loaded_errors(USER_ERRORS), *loaded_errors(FAULTS))
+    if debug or not isinstance(error, expected):
+        raise error
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    return EXIT_FAULT if started or isinstance(error, loaded_errors(FAULTS)) else EXIT_USAGE
 
 
 # Errors whose message is meant for the user, by module (looked up only in modules already imported: they import torch).
