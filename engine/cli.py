@@ -342,11 +342,21 @@ def exit_after(error: BaseException, started: bool, run_dir: Path | None, debug:
         else:
             print(f"error: interrupted by {name} during set-up; nothing was trained", file=sys.stderr)
         return 128 + signum
-    expected = (ConfigError, OSError, *loaded_errors(USER_ERRORS), *loaded_errors(FAULTS))
-    if debug or not isinstance(error, expected):
+    expected = (ConfigError, OSError, ImportError, *loaded_errors(USER_ERRORS), *loaded_errors(FAULTS))
+    if debug or not (isinstance(error, expected) or names_a_field(error)):
         raise error
     print(f"error: {one_line(error)}", file=sys.stderr)
     return EXIT_FAULT if started or isinstance(error, loaded_errors(FAULTS)) else EXIT_USAGE
+
+
+CONFIG_SECTIONS = ("model.", "train.", "data.", "diffusion.", "sample.", "log.", "dist.", "profile.")
+
+
+def names_a_field(error: BaseException) -> bool:
+    """Errors raised for the user name the config field first (the project's convention, e.g. precision.py's
+    "train.precision='fp8-te': ..." or the attention backends' "model.attention_backend=..."): those are user
+    errors wherever they come from; anything else is a bug and keeps its traceback."""
+    return isinstance(error, (ValueError, RuntimeError, KeyError)) and str(error).startswith(CONFIG_SECTIONS)
 
 
 # Errors whose message is meant for the user, by module (looked up only in modules already imported: they import torch).

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -105,3 +106,15 @@ def check_first_batch(config, dataset) -> None:
 
     if isinstance(dataset, SkippingDataset):
         dataset.__getitems__(list(range(min(len(dataset), config.train.batch_size))))
+
+
+@contextmanager
+def loading_errors_named(fields: str):
+    """A model that cannot be loaded (a wrong path or hub id, no network, a folder without config.json) is the
+    user's to fix: one ConfigError naming the fields, instead of the loader's traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, ImportError) as error:
+        raise ConfigError(f"{fields}: cannot load ({' '.join(str(error).split())[:300]})") from None

@@ -34,7 +34,7 @@ from .datasets import build_dataset, build_loader
 from .diffusion import Diffusion
 from .metrics import MetricsLog, truncate_metrics
 from .plan import predict_memory
-from .preflight import check_dataset, check_environment, check_first_batch, check_sampling
+from .preflight import check_dataset, check_environment, check_first_batch, check_sampling, loading_errors_named
 from .profiling import profile_steps
 from .sample import sample_videos, validation_prompts, write_samples
 from .distributed import (DistInfo, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
@@ -441,7 +441,8 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo, o
     sampler = ResumableSampler(len(dataset), train_cfg.seed, rank=info.rank, world_size=info.world_size,
                                block=train_cfg.batch_size, tag_epochs=getattr(dataset, "epoch_tagged_indices", False))
     loader = build_loader(dataset, train_cfg.batch_size, sampler, config.data.num_workers, device)
-    encoders = build_encoders(config, dataset, device)
+    with loading_errors_named(f"model.vae={config.model.vae!r} / model.text_encoder={config.model.text_encoder!r}"):
+        encoders = build_encoders(config, dataset, device)
     diffusion = Diffusion(config.diffusion)
     check_sampling(config, diffusion)
     model, ema, precision = build_training_model(config, device)

@@ -215,6 +215,11 @@ def test_environment_errors_are_one_line(tmp_path, capsys, monkeypatch):
     bad_start(tmp_path, capsys, ["train.precision=fp8-ao"], "train.precision=fp8-ao")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     bad_start(tmp_path, capsys, ["model.kernels=triton"], "model.kernels=triton")
+    bad_start(tmp_path, capsys, [f"model.vae={tmp_path / 'no_vae'}"], "model.vae=")
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:  # a missing package named by the layer that needs it
+        bad_start(tmp_path, capsys, ["model.attention_backend=xformers"], "pip install xformers")
 
 
 def test_dataset_too_small_and_class_count_are_checked_at_start(tmp_path, capsys):
