@@ -215,7 +215,9 @@ def test_environment_errors_are_one_line(tmp_path, capsys, monkeypatch):
     bad_start(tmp_path, capsys, ["train.precision=fp8-ao"], "train.precision=fp8-ao")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     bad_start(tmp_path, capsys, ["model.kernels=triton"], "model.kernels=triton")
-    bad_start(tmp_path, capsys, [f"model.vae={tmp_path / 'no_vae'}"], "model.vae=")
+    empty_model_folder = tmp_path / "vae"  # a local folder without config.json: no hub look-up is attempted
+    empty_model_folder.mkdir()
+    bad_start(tmp_path, capsys, [f"model.vae={empty_model_folder}"], "model.vae=")
     import importlib.util
 
     if importlib.util.find_spec("xformers") is None:  # a missing package named by the layer that needs it
