@@ -119,7 +119,7 @@ def test_export_into_a_busy_run_is_refused(tmp_path, capsys):
 def test_ctrl_c_during_export_is_one_line_and_releases_the_run(tmp_path, capsys, monkeypatch):
     from ristretto.engine import export as export_module
 
-    def interrupted(run_dir, out_dir):
+    def interrupted(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_module, "export_run", interrupted)
