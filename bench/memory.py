@@ -13,7 +13,9 @@ and dumps it beside the JSON as memory_snapshot_<config>_<mode>.pickle, for http
 
 Without CUDA (smoke): tiny configs, and the bytes autograd saves for backward during one training forward
 (torch.autograd.graph.saved_tensors_hooks, distinct storages, parameters excluded) vs the plan's activation bytes;
-plus the planner's largest batch per mode for the GPU configs. Writes a table, JSON (memory_<device>.json), a chart.
+plus the planner's largest batch per mode for the GPU configs, plus (`--layers`, on by default in the smoke run) the
+per-layer comparison with diffusers at Latte width (bench/layer_memory.py: bytes saved for backward per token per
+layer, bf16 autocast). Writes a table, JSON (memory_<device>.json), a chart.
 """
 import argparse
 import copy
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ristretto.bench.common import RESULTS_DIR, format_table, write_report
+from ristretto.bench.layer_memory import layer_rows
 from ristretto.bench.step import CONFIGS, StepConfig, cpu_threads, random_inputs
 from ristretto.engine.build import build_training_model
 from ristretto.engine.checkpointing import CHECKPOINTING_MODES
@@ -216,10 +219,16 @@ def run(args) -> dict:
     print(format_table(rows))
     if fit_rows:
         print(format_table(fit_rows))
+    per_layer = []
+    if not cuda and args.layers:
+        per_layer = layer_rows(args.layer_frames, args.triton_frames, args.residual_dtypes)
+        print("bytes saved for backward per token per layer (bf16 autocast, width 1152 = 16 x 72, 16x16 latents, "
+              "caption 120 x 4096; depth 2 - depth 1, batch 2 - batch 1):")
+        print(format_table(per_layer))
     payload = {"config": {"smoke": not cuda, "precision": precision, "attention": args.attention,
                           "measured": "torch.cuda.max_memory_allocated over 2 optimizer steps" if cuda
                           else "bytes saved for backward (saved_tensors_hooks) in one training forward"},
-               "rows": rows, "planner_fit": fit_rows}
+               "rows": rows, "planner_fit": fit_rows, "per_layer_vs_diffusers": per_layer}
     if cuda or args.out is not None:
         unit = "GiB" if cuda else "MiB"
         labels = [f"{r['config']} {r['checkpointing']}" for r in rows]
@@ -240,6 +249,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-fit", dest="fit", action="store_false", help="skip the largest-batch search")
     parser.add_argument("--snapshot", action="store_true", help="dump allocator snapshots for pytorch.org/memory_viz")
     parser.add_argument("--smoke", action="store_true", help="the CPU saved-tensor check (always on without a GPU)")
+    parser.add_argument("--no-layers", dest="layers", action="store_false",
+                        help="skip the per-layer comparison with diffusers (smoke run, ~2-6 CPU minutes)")
+    parser.add_argument("--layer-frames", type=int, default=16, help="frames of the per-layer comparison (16)")
+    parser.add_argument("--triton-frames", type=int, default=4,
+                        help="frames for kernels=triton (the interpreter is slow; per token is unchanged)")
+    parser.add_argument("--residual-dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"],
+                        help="train.residual_dtype values to compare (comma-separated)")
     args = parser.parse_args(argv)
     bad = [m for m in args.modes if m not in CHECKPOINTING_MODES] + [c for c in args.configs if c not in CONFIGS]
     if bad:

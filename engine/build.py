@@ -57,12 +57,18 @@ def build_plain_model(config) -> Latte:
     return model
 
 
+def apply_residual_dtype(model: nn.Module, name: str, precision: str) -> None:
+    """train.residual_dtype under mixed precision; fp32 training keeps an fp32 residual whatever it says."""
+    model.residual_dtype = torch.bfloat16 if name == "bf16" and precision != "fp32" else torch.float32
+
+
 def build_training_model(config, device: torch.device) -> tuple[nn.Module, EMA | None, Precision]:
     """Model on `device` with every seam applied, its EMA (None when train.ema_decay = 0) and the precision plan."""
     model = build_plain_model(config).to(device)
     train = config.train
     ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
     precision = apply_precision(model, train.precision, train.fp8_recipe)
+    apply_residual_dtype(model, train.residual_dtype, train.precision)
     wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every)
     if wrapped:
         log.info("activation checkpointing %s: %d modules recompute in backward", train.checkpointing, wrapped)

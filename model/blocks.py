@@ -6,7 +6,8 @@ from torch import nn
 
 from ristretto.kernels.registry import TORCH_KERNELS
 
-from .attention import CrossAttention, Mlp, SelfAttention
+from .attention import CrossAttention, SelfAttention
+from .mlp import Mlp
 
 
 class LatteBlock(nn.Module):
