@@ -69,7 +69,13 @@ def build_training_model(config, device: torch.device) -> tuple[nn.Module, EMA |
     ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
     precision = apply_precision(model, train.precision, train.fp8_recipe)
     apply_residual_dtype(model, train.residual_dtype, train.precision)
-    wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every)
+    choices = None
+    if train.checkpointing == "auto":  # the planner picks what each block recomputes to fit the budget
+        from .plan import auto_choices, describe_choices, memory_budget_bytes  # noqa: PLC0415 - plan imports build's peers
+        choices = auto_choices(config, memory_budget_bytes(config, device.type), device.type)
+        log.info("checkpointing auto (budget %.1f GiB): %s", memory_budget_bytes(config, device.type) / 2**30,
+                 describe_choices(choices))
+    wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every, choices)
     if wrapped:
         log.info("activation checkpointing %s: %d modules recompute in backward", train.checkpointing, wrapped)
     if train.compile:
