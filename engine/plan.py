@@ -154,11 +154,12 @@ def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilit
     if spec.checkpointed == "block":  # torch.utils.checkpoint keeps the block's input (the conditions are shared)
         return {"block input": r * tokens * d}
     vector = vector_bytes(g, saved)
-    # LN-modulate keeps its input (the residual; Triton also mean/rstd); both read the block's adaLN vectors, one
-    # [B, 6, D] storage; the torch gate-residual keeps its gate expanded to [N, 1, D].
+    # The attention's LN-modulate keeps its input (the residual; Triton also mean/rstd); the MLP's is recomputed
+    # inside the MLP. All read the block's adaLN vectors, one [B, 6, D] storage; the torch gate-residual keeps its
+    # gate expanded to [N, 1, D].
     stats = STATS_BYTES * tokens if triton_kernels else 0
     parts = {
-        "ln_modulate": 2 * (r * tokens * d + stats) + vector * g.batch * 6 * d,
+        "ln_modulate": r * tokens * d + stats + vector * g.batch * 6 * d,
         "gate_residual": 2 * (o * tokens * d + (0 if triton_kernels else vector * spec.rows * d)),
     }
     if spec.checkpointed == "attention":
@@ -175,12 +176,12 @@ def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilit
                 spec.rows, spec.length, g.caption_length, g, o, probabilities, self_attention=False, masked=True)
             parts["weight copies"] += w * 4 * d * d
     if spec.checkpointed == "mlp":
-        parts["mlp"] = o * tokens * d
-    elif saved.fp8:  # converted linears run as modules: fc1 input, GELU input, fc2 input, weight copies
-        parts["mlp"] = i * tokens * d + 2 * o * tokens * m
+        parts["mlp"] = r * tokens * d  # the checkpoint keeps its input, the residual
+    elif saved.fp8:  # converted linears run as modules: LN input and stats, fc1 input, GELU in and out, weights
+        parts["mlp"] = r * tokens * d + stats + i * tokens * d + 2 * o * tokens * m
         parts["weight copies"] = parts.get("weight copies", 0) + w * 2 * d * m
-    else:  # kernels/gelu_mlp.py: fc1 input and GELU input; the fp32 weights, not bf16 copies
-        parts["mlp"] = o * tokens * d + o * tokens * m
+    else:  # kernels/gelu_mlp.py: the residual and the GELU input; the fp32 weights, not bf16 copies
+        parts["mlp"] = r * tokens * d + o * tokens * m
     if g.kind == "class":  # adaLN-Zero: SiLU(cond) -> Linear(D, 6D) per block
         parts["modulation"] = saved.linear_in * g.batch * d
         parts["weight copies"] = parts.get("weight copies", 0) + saved.weight_copy * 6 * d * d
