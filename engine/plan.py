@@ -154,13 +154,13 @@ def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilit
     if spec.checkpointed == "block":  # torch.utils.checkpoint keeps the block's input (the conditions are shared)
         return {"block input": r * tokens * d}
     vector = vector_bytes(g, saved)
-    # The attention's LN-modulate keeps its input (the residual; Triton also mean/rstd); the MLP's is recomputed
-    # inside the MLP. All read the block's adaLN vectors, one [B, 6, D] storage; the torch gate-residual keeps its
-    # gate expanded to [N, 1, D].
+    # The attention's LN-modulate keeps its input (the residual; Triton also mean/rstd) and its gate-residual the
+    # branch output (torch: also the gate expanded to [N, 1, D]); the MLP branch's LN-modulate and gate-residual are
+    # inside the MLP op (kernels/gelu_mlp.py). All read the block's adaLN vectors, one [B, 6, D] storage.
     stats = STATS_BYTES * tokens if triton_kernels else 0
     parts = {
         "ln_modulate": r * tokens * d + stats + vector * g.batch * 6 * d,
-        "gate_residual": 2 * (o * tokens * d + (0 if triton_kernels else vector * spec.rows * d)),
+        "gate_residual": o * tokens * d + (0 if triton_kernels else vector * spec.rows * d),
     }
     if spec.checkpointed == "attention":
         parts["attention"] = o * tokens * d  # the checkpoint keeps its input (the LN-modulate output)
@@ -177,8 +177,8 @@ def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilit
             parts["weight copies"] += w * 4 * d * d
     if spec.checkpointed == "mlp":
         parts["mlp"] = r * tokens * d  # the checkpoint keeps its input, the residual
-    elif saved.fp8:  # converted linears run as modules: LN input and stats, fc1 input, GELU in and out, weights
-        parts["mlp"] = r * tokens * d + stats + i * tokens * d + 2 * o * tokens * m
+    elif saved.fp8:  # converted linears run as modules: LN input and stats, fc1 input, GELU in and out, fc2 out
+        parts["mlp"] = r * tokens * d + stats + i * tokens * d + 2 * o * tokens * m + o * tokens * d
         parts["weight copies"] = parts.get("weight copies", 0) + w * 2 * d * m
     else:  # kernels/gelu_mlp.py: the residual and the GELU input; the fp32 weights, not bf16 copies
         parts["mlp"] = r * tokens * d + o * tokens * m

@@ -30,8 +30,8 @@ class LatteBlock(nn.Module):
         x = ops.gate_residual(x, gate_msa, attn_out)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, context_mask)  # PixArt: no norm, no gate before cross-attention
-        # The MLP normalises x itself: it recomputes the LN-modulate in backward instead of keeping its output.
-        return ops.gate_residual(x, gate_mlp, self.mlp(x, shift_mlp, scale_mlp))  # (N, S, D)
+        # The MLP branch is one op (LN-modulate, MLP, gated residual) that keeps only x and one hidden for backward.
+        return self.mlp(x, shift_mlp, scale_mlp, gate_mlp)  # (N, S, D)
 
 
 class FinalLayer(nn.Module):

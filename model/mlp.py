@@ -1,16 +1,16 @@
-"""The transformer blocks' feed-forward with its adaLN-modulated LayerNorm: LN-modulate, Linear, GELU-tanh, Linear."""
-from functools import partial
-
+"""The transformer blocks' MLP branch with its adaLN modulation and gated residual:
+x + gate * fc2(GELU_tanh(fc1(LN(x) * (1 + scale) + shift)))."""
 import torch
 from torch import nn
 
-from ristretto.kernels.gelu_mlp import modulated_gelu_mlp
+from ristretto.kernels.gelu_mlp import gated_mlp
 from ristretto.kernels.registry import TORCH_KERNELS
 
 
 class Mlp(nn.Module):
-    """LN(x) * (1 + scale) + shift, then Linear, GELU-tanh, Linear. Backward recomputes the LN-modulate and the GELU
-    instead of keeping their outputs (kernels/gelu_mlp.py): the MLP keeps the residual x and one hidden tensor."""
+    """Linear, GELU-tanh, Linear, with the LN-modulate before and the gated residual after, as one op
+    (kernels/gelu_mlp.py): backward recomputes the LN-modulate and the GELU, and derives the gate's gradient from
+    fc2's weight gradient, so the branch keeps only the residual x and one hidden tensor."""
 
     def __init__(self, hidden_size: int, mlp_ratio: float, eps: float = 1e-6):
         super().__init__()
@@ -20,6 +20,5 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(inner, hidden_size)
         self.kernels = TORCH_KERNELS
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        norm = partial(self.kernels.layernorm_modulate, eps=self.eps)
-        return modulated_gelu_mlp(x, shift, scale, norm, self.fc1, self.fc2)  # (N, S, D)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return gated_mlp(x, shift, scale, gate, self.fc1, self.fc2, self.kernels, self.eps)  # (N, S, D)

@@ -1,7 +1,6 @@
 """The memory-lean torch ops (kernels/lean.py, kernels/gelu_mlp.py): the reference's values and gradients, while
 saving for backward only their inputs (what the Triton kernels save)."""
 import copy
-from functools import partial
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ristretto.kernels import lean, reference
-from ristretto.kernels.gelu_mlp import modulated_gelu_mlp
+from ristretto.kernels.gelu_mlp import gated_mlp
 from ristretto.kernels.registry import kernel_set
 from ristretto.kernels.testing import assert_matches_reference
 
@@ -64,16 +63,16 @@ def test_layernorm_modulate_saves_only_its_input_and_emits_the_autocast_dtype():
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_modulated_mlp_equals_the_plain_composition_and_keeps_x_and_one_hidden(precision, kernels):
+def test_gated_mlp_equals_the_plain_composition_and_keeps_x_and_one_hidden(precision, kernels):
     if kernels == "triton":
         pytest.importorskip("triton")
-    norm = partial(kernel_set(kernels).layernorm_modulate, eps=1e-6)
+    ops = kernel_set(kernels)
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(40, 160), nn.Linear(160, 40)
-    x, _, shift, scale, _ = activations(3, 11, 40, 3, torch.float32)
-    dout = torch.randn(3, 11, 40)
+    x, _, shift, scale, gate = activations(6, 11, 40, 3, torch.float32)  # 3 groups of 2 rows
+    dout = torch.randn(6, 11, 40)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    leaves = [x, shift, scale]
+    leaves = [x, shift, scale, gate]
 
     def run(fn, layers, inputs):
         params = [*layers[0].parameters(), *layers[1].parameters()]
@@ -81,24 +80,25 @@ def test_modulated_mlp_equals_the_plain_composition_and_keeps_x_and_one_hidden(p
             out = fn(*inputs, *layers)
         return [out, *torch.autograd.grad(out, [*inputs, *params], dout.to(out.dtype))]
 
-    def plain(x, shift, scale, fc1, fc2, ln=norm):
-        return fc2(F.gelu(fc1(ln(x, shift, scale)), approximate="tanh"))
+    def plain(x, shift, scale, gate, fc1, fc2, ops=ops):
+        hidden = F.gelu(fc1(ops.layernorm_modulate(x, shift, scale, 1e-6)), approximate="tanh")
+        return ops.gate_residual(x, gate, fc2(hidden))
 
-    got = run(lambda *a: modulated_gelu_mlp(*a[:3], norm, *a[3:]), (fc1, fc2), leaves)
+    got = run(lambda *a: gated_mlp(*a, ops), (fc1, fc2), leaves)
     same = run(plain, (fc1, fc2), leaves)
     fc1d, fc2d = copy.deepcopy(fc1).double(), copy.deepcopy(fc2).double()
     with torch.autocast("cpu", enabled=False):
-        exact = run(lambda *a: plain(*a, ln=partial(reference.layernorm_modulate, eps=1e-6)), (fc1d, fc2d),
+        exact = run(lambda *a: plain(*a, ops=reference), (fc1d, fc2d),
                     [t.detach().double().requires_grad_() for t in leaves])
     atol = 1e-5 if precision == "fp32" else 1e-3
     for index, (x_k, x_pt, x_ref) in enumerate(zip(got, same, exact)):
         assert x_k.dtype == x_pt.dtype, index
         err, err_pt = (x_k.double() - x_ref).abs().max().item(), (x_pt.double() - x_ref).abs().max().item()
         assert err <= 2 * err_pt + atol, (index, err, err_pt)
-    params = [*fc1.parameters(), *fc2.parameters(), shift, scale]
+    params = [*fc1.parameters(), *fc2.parameters(), shift, scale, gate]
     with autocast:
-        kept = saved_bytes(lambda: modulated_gelu_mlp(x, shift, scale, norm, fc1, fc2), params)
-        kept_plain = saved_bytes(lambda: plain(x, shift, scale, fc1, fc2), params)
+        kept = saved_bytes(lambda: gated_mlp(x, shift, scale, gate, fc1, fc2, ops), params)
+        kept_plain = saved_bytes(lambda: plain(x, shift, scale, gate, fc1, fc2), params)
     element = 4 if precision == "fp32" else 2
-    assert kept == x.numel() * 4 + 3 * 11 * 160 * element  # the fp32 input x and the GELU input, nothing else
-    assert kept_plain - kept >= 3 * 11 * 160 * element  # the plain path also keeps GELU's output (and more)
+    assert kept == x.numel() * 4 + 6 * 11 * 160 * element  # the fp32 input x and the GELU input, nothing else
+    assert kept_plain - kept >= 6 * 11 * (160 + 40) * element  # the plain path also keeps GELU's and fc2's outputs
