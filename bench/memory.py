@@ -28,7 +28,7 @@ from ristretto.bench.common import RESULTS_DIR, format_table, write_report
 from ristretto.bench.layer_memory import layer_rows
 from ristretto.bench.step import CONFIGS, StepConfig, cpu_threads, random_inputs
 from ristretto.engine.build import build_training_model
-from ristretto.engine.checkpointing import CHECKPOINTING_MODES
+from ristretto.engine.checkpointing import AUTO, CHECKPOINTING_MODES
 from ristretto.engine.config import build_config
 from ristretto.engine.diffusion import Diffusion
 from ristretto.engine.plan import GIB, largest_that_fits, predict_memory
@@ -44,12 +44,21 @@ SMOKE_CONFIGS = [
 MAX_PROBES = 12  # batch sizes tried per measured fit
 
 
-def case_config(step_config: StepConfig, mode: str, precision: str, attention: str, batch: int | None = None):
+BENCH_MODES = (*CHECKPOINTING_MODES, AUTO)
+
+
+def case_config(step_config: StepConfig, mode: str, precision: str, attention: str, batch: int | None = None,
+                device_type: str = "cuda"):
     overrides = [*MEMORY_OVERRIDES, *step_config.overrides, f"train.checkpointing={mode}",
                  f"train.precision={precision}", f"model.attention_backend={attention}"]
     if batch:
         overrides.append(f"train.batch_size={batch}")
-    return build_config(step_config.preset, overrides)
+    config = build_config(step_config.preset, overrides)
+    if mode == AUTO and device_type == "cpu":  # no GPU to fill: a budget halfway between no and full recompute
+        ends = [predict_memory(build_config(step_config.preset, [*overrides, f"train.checkpointing={m}"]), "cpu")
+                for m in ("none", "full")]
+        config.train.memory_budget_gb = sum(plan.required_bytes for plan in ends) / 2 / GIB
+    return config
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -75,7 +84,8 @@ def measure_saved_bytes(config, device=torch.device("cpu")) -> int:
     """What one training forward (engine/train.micro_step_loss) of `config` keeps for backward, in bytes."""
     torch.manual_seed(config.train.seed)
     no_ema = copy.deepcopy(config)
-    no_ema.train.ema_decay = 0.0  # the EMA copy is weights, not activations
+    if config.train.checkpointing != AUTO:  # auto's choice depends on the EMA's memory: keep it there
+        no_ema.train.ema_decay = 0.0  # the EMA copy is weights, not activations
     model, _, precision = build_training_model(no_ema, device)
     latents, _, conditions = random_inputs(config, config.train.batch_size, device)
     diffusion = Diffusion(config.diffusion)
@@ -186,7 +196,7 @@ def gpu_row(step_config: StepConfig, mode: str, args, out_dir: Path) -> dict:
 
 
 def smoke_row(step_config: StepConfig, mode: str, precision: str, attention: str) -> dict:
-    config = case_config(step_config, mode, precision, attention)
+    config = case_config(step_config, mode, precision, attention, device_type="cpu")
     measured = measure_saved_bytes(config)
     planned = predict_memory(config, "cpu").activation_bytes
     return {"config": step_config.label, "checkpointing": mode, "batch": config.train.batch_size,
@@ -242,8 +252,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR} on a GPU)")
     parser.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS),
                         help=f"comma-separated GPU configs from {', '.join(CONFIGS)}")
-    parser.add_argument("--modes", type=lambda s: s.split(","), default=list(CHECKPOINTING_MODES),
-                        help="comma-separated train.checkpointing modes")
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=list(BENCH_MODES),
+                        help="comma-separated train.checkpointing modes (auto: the GPU's memory; on CPU a budget "
+                             "halfway between none and full)")
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp8-ao", "fp8-te"])
     parser.add_argument("--attention", default="sdpa", help="model.attention_backend")
     parser.add_argument("--no-fit", dest="fit", action="store_false", help="skip the largest-batch search")
@@ -257,9 +268,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--residual-dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"],
                         help="train.residual_dtype values to compare (comma-separated)")
     args = parser.parse_args(argv)
-    bad = [m for m in args.modes if m not in CHECKPOINTING_MODES] + [c for c in args.configs if c not in CONFIGS]
+    bad = [m for m in args.modes if m not in BENCH_MODES] + [c for c in args.configs if c not in CONFIGS]
     if bad:
-        parser.error(f"unknown modes/configs {bad}; modes: {', '.join(CHECKPOINTING_MODES)}; "
+        parser.error(f"unknown modes/configs {bad}; modes: {', '.join(BENCH_MODES)}; "
                      f"configs: {', '.join(CONFIGS)}")
     return args
 

@@ -459,42 +459,50 @@ def describe_choices(choices: list[str]) -> str:
     return f"{'; '.join(cells)} ({recomputing} of {len(choices)} blocks recompute something)"
 
 
+UPGRADE_SETS = (BLOCK_CHOICES[1:], ("full",), ("attention", "full"), ("mlp", "full"))
+
+
 def auto_choices(config, budget_bytes: float, device_type: str = "cuda", batch: int | None = None) -> list[str]:
     """What each block recomputes (BLOCK_CHOICES) so the plan's `required` fits budget_bytes, with the least
-    recompute FLOPs. Greedy: from nothing recomputed, repeatedly take the cheapest upgrade per byte saved (one block
-    of one kind moving to a choice that saves more) until the plan fits. All-`full` when nothing else fits."""
+    recompute FLOPs. Greedy: from nothing recomputed, repeatedly take the upgrade (one block moving to a choice that
+    keeps less) with the most bytes saved per FLOP until the plan fits; run once per set of allowed choices
+    (UPGRADE_SETS: a partial recompute that is cheap per byte can still cost more in total than fewer whole blocks)
+    and keep the cheapest. All-`full` when nothing else fits."""
     g = token_geometry(config, batch)
     train, model = config.train, config.model
     fp8_eligible = all(dim % 16 == 0 and dim >= 64 for dim in (g.hidden, g.mlp_hidden))
     saved = saved_bytes(train.precision, fp8_eligible, train.residual_dtype)
     probabilities = attention_keeps_probabilities(model.attention_backend)
-    choices = ["none"] * (2 * g.depth)
+    specs = block_specs(g, "none", 1)[:2]  # one spatial, one temporal
 
-    def fits(candidate):
-        return predict_memory(config, device_type, batch, candidate).fits(budget_bytes)
-
-    def block_bytes(index: int, choice: str) -> int:
-        spec = block_specs(g, "none", 1)[index]
+    def block_bytes(kind: int, choice: str) -> int:
+        spec = specs[kind]
         spec = BlockSpec(spec.rows, spec.length, spec.spatial, spec.cross, CHOICE_CHECKPOINTS[choice])
         return sum(block_parts(g, spec, saved, probabilities, model.kernels == "triton").values())
 
-    # per kind (index 0: spatial, 1: temporal): bytes kept and FLOPs recomputed by each choice
+    # per kind (0: spatial, 1: temporal): bytes kept and FLOPs recomputed by each choice
     cost = {(kind, c): (block_bytes(kind, c), choice_flops(g, kind == 0, c)) for kind in (0, 1) for c in BLOCK_CHOICES}
-    while not fits(choices):
-        best = None
-        for index, current in enumerate(choices):
-            kept, flops = cost[index % 2, current]
-            for upgrade in BLOCK_CHOICES:
-                upgrade_kept, upgrade_flops = cost[index % 2, upgrade]
-                if upgrade_kept >= kept:
-                    continue
-                ratio = (kept - upgrade_kept) / max(upgrade_flops - flops, 1.0)
-                if best is None or ratio > best[0]:
-                    best = (ratio, index, upgrade)
-        if best is None:
-            return ["full"] * len(choices)
-        choices[best[1]] = best[2]
-    return choices
+
+    def greedy(allowed) -> list[str] | None:
+        choices = ["none"] * (2 * g.depth)
+        while not predict_memory(config, device_type, batch, choices).fits(budget_bytes):
+            best = None
+            for index, current in enumerate(choices):
+                kept, flops = cost[index % 2, current]
+                for upgrade in allowed:
+                    upgrade_kept, upgrade_flops = cost[index % 2, upgrade]
+                    if upgrade_kept < kept:
+                        ratio = (kept - upgrade_kept) / max(upgrade_flops - flops, 1.0)
+                        best = max(best or (ratio, index, upgrade), (ratio, index, upgrade))
+            if best is None:
+                return None
+            choices[best[1]] = best[2]
+        return choices
+
+    found = [c for c in map(greedy, UPGRADE_SETS) if c is not None]
+    if not found:
+        return ["full"] * (2 * g.depth)
+    return min(found, key=lambda c: sum(cost[i % 2, choice][1] for i, choice in enumerate(c)))
 
 
 # ---------------------------------------------------------------------------------------------- what fits

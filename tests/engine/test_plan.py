@@ -190,3 +190,16 @@ def test_format_lists_every_term():
     text = predicted.format()
     assert all(key.split(".")[-1] in text for key in predicted.breakdown)
     assert "one spatial block, MiB" in text and "one temporal block, MiB" in text
+
+
+@pytest.mark.parametrize("preset", ["tiny-t2v", "tiny-class"])
+def test_auto_plan_matches_saved_tensors_with_ema_and_a_midway_budget(preset):
+    """Tiny models, where the EMA copy moves the budget left for activations: the applied choice is the plan's."""
+    overrides = ["train.batch_size=2", "data.frames=4"]
+    ends = [plan.predict_memory(build_config(preset, [*overrides, f"train.checkpointing={mode}"]), "cpu")
+            for mode in ("none", "full")]
+    budget = sum(end.required_bytes for end in ends) / 2 / plan.GIB
+    config = build_config(preset, [*overrides, "train.checkpointing=auto", f"train.memory_budget_gb={budget}"])
+    predicted = plan.predict_memory(config, "cpu")
+    assert {"none"} < set(predicted.choices) | {"none"} and predicted.fits(budget * plan.GIB)
+    assert within(predicted.activation_bytes, measure_saved_bytes(config))
