@@ -97,17 +97,23 @@ def per_layer(measure, frames: int) -> dict:
 
 
 def layer_rows(frames: int = 16, triton_frames: int | None = None, residual_dtypes=("bf16",)) -> list[dict]:
-    """The table: diffusers, then ours per kernel set (and residual dtype), with ratios to diffusers."""
-    reference = per_layer(lambda depth, batch: diffusers_saved(depth, batch, frames), frames)
-    rows = [{"model": "diffusers LatteTransformer3DModel (SDPA)", "frames": frames, **reference}]
-    for kernels in ("torch", "triton"):
-        kernel_frames = triton_frames if kernels == "triton" and triton_frames else frames
-        for residual in residual_dtypes:
-            row = per_layer(lambda depth, batch: ours_saved(depth, batch, kernel_frames, kernels, residual),
-                            kernel_frames)
-            rows.append({"model": f"ours, kernels={kernels}, residual {residual}", "frames": kernel_frames, **row})
-    for row in rows:
-        row["vs diffusers"] = row["KiB per token"] / reference["KiB per token"]
-        row["vs diffusers incl. weights"] = row["KiB per token incl. weights"] / reference["KiB per token incl. weights"]
-    return rows
+    """The table: diffusers, then ours per kernel set and residual dtype, each with its ratio to diffusers measured
+    at the same frame count (per token is what counts; `incl. weights` depends on the token count)."""
+    references = {}
 
+    def reference(count: int) -> dict:
+        if count not in references:
+            references[count] = per_layer(lambda depth, batch: diffusers_saved(depth, batch, count), count)
+        return references[count]
+
+    rows = [{"model": "diffusers LatteTransformer3DModel (SDPA)", "frames": frames, **reference(frames)}]
+    for kernels in ("torch", "triton"):
+        count = triton_frames if kernels == "triton" and triton_frames else frames
+        for residual in residual_dtypes:
+            row = per_layer(lambda depth, batch: ours_saved(depth, batch, count, kernels, residual), count)
+            rows.append({"model": f"ours, kernels={kernels}, residual {residual}", "frames": count, **row})
+    for row in rows:
+        base = reference(row["frames"])
+        row["vs diffusers"] = row["KiB per token"] / base["KiB per token"]
+        row["vs diffusers incl. weights"] = row["KiB per token incl. weights"] / base["KiB per token incl. weights"]
+    return rows
