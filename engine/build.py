@@ -71,10 +71,13 @@ def build_training_model(config, device: torch.device) -> tuple[nn.Module, EMA |
     apply_residual_dtype(model, train.residual_dtype, train.precision)
     choices = None
     if train.checkpointing == "auto":  # the planner picks what each block recomputes to fit the budget
-        from .plan import auto_choices, describe_choices, memory_budget_bytes  # noqa: PLC0415 - plan imports build's peers
-        choices = auto_choices(config, memory_budget_bytes(config, device.type), device.type)
-        log.info("checkpointing auto (budget %.1f GiB): %s", memory_budget_bytes(config, device.type) / 2**30,
-                 describe_choices(choices))
+        from .plan import auto_choices, describe_choices, memory_budget_bytes, predict_memory  # noqa: PLC0415
+        budget = memory_budget_bytes(config, device.type)
+        choices = auto_choices(config, budget, device.type)
+        log.info("checkpointing auto (budget %.2f GiB): %s", budget / 2**30, describe_choices(choices))
+        if not predict_memory(config, device.type, choices=choices).fits(budget):
+            log.warning("checkpointing auto: even recomputing every block is planned above train.memory_budget_gb="
+                        "%.2f; lower train.batch_size, data.frames or data.resolution", budget / 2**30)
     wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every, choices)
     if wrapped:
         log.info("activation checkpointing %s: %d modules recompute in backward", train.checkpointing, wrapped)
