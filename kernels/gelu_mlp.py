@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lean import activation_dtype
+from .lean import activation_dtype, layernorm_modulate_backward
 
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
@@ -53,17 +53,13 @@ class GatedMlpFunction(torch.autograd.Function):
         db2 = (gate.float() * dout_sums).sum(0)
         dy = _tokens((dout_groups * gate[:, None, :]).to(dtype))  # the gradient reaching fc2's output
         dhidden = torch.ops.aten.gelu_backward(dy @ w2.to(dtype), _tokens(hidden), approximate="tanh")
-        needs = ctx.needs_input_grad[:3]
-        with torch.enable_grad():  # the LN-modulate again, as the forward ran it (same autocast state)
-            leaves = [t.detach().requires_grad_(need) for t, need in zip((x, shift, scale), needs)]
-            with torch.autocast(x.device.type, dtype=dtype) if ctx.autocast else nullcontext():
-                normed = ctx.ops.layernorm_modulate(*leaves, ctx.eps)
-        dw1, db1 = dhidden.t() @ _tokens(normed.detach().to(dtype)), dhidden.sum(0)
-        dnormed = (dhidden @ w1.to(dtype)).view(normed.shape).to(normed.dtype)
-        wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        grads = iter(torch.autograd.grad(normed, wanted, dnormed) if wanted else ())
-        dx, dshift, dscale = (next(grads) if leaf.requires_grad else None for leaf in leaves)
-        dx = dout if dx is None else dx + dout  # the residual path
+        with torch.autocast(x.device.type, dtype=dtype) if ctx.autocast else nullcontext():
+            normed = ctx.ops.layernorm_modulate(x, shift, scale, ctx.eps)  # the forward's values, recomputed
+        dw1, db1 = dhidden.t() @ _tokens(normed.to(dtype)), dhidden.sum(0)
+        dnormed = (dhidden @ w1.to(dtype)).view(normed.shape)
+        del normed
+        dx, dshift, dscale = layernorm_modulate_backward(dnormed, x, shift, scale, ctx.eps)
+        dx = dx + dout  # the residual path
         return (dx.to(x.dtype), dshift, dscale, dgate.to(gate.dtype), dw1.to(w1.dtype), db1.to(w1.dtype),
                 dw2.to(w2.dtype), db2.to(w2.dtype), None, None, None)
 

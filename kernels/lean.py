@@ -18,31 +18,39 @@ def activation_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def recompute_grads(fn, saved, grad_outputs, needs):
-    """Gradients of fn(*saved) (recomputed now, with a graph) w.r.t. the saved tensors that need them."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(need) for t, need in zip(saved, needs)]
-        outputs = fn(*leaves)
-        wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs) if wanted else ())
-    return [next(grads) if leaf.requires_grad else None for leaf in leaves]
+def group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, S, D] -> [groups, D]: the sum over each group's rows (rows n // (N // groups) share a vector)."""
+    return t.reshape(groups, -1, t.shape[-1]).sum(1)
+
+
+def layernorm_modulate_backward(dout, x, shift, scale, eps: float):
+    """(dx, dshift, dscale) of reference.layernorm_modulate, recomputing the statistics from x; fp32 inside.
+    Written out (no autograd.grad) so torch.compile traces the backward without a graph break."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((xf - mean).pow(2).mean(-1, keepdim=True) + eps)
+    xhat = (xf - mean) * rstd
+    dout = dout.float()
+    dshift = group_sum(dout, shift.shape[0])
+    dscale = group_sum(dout * xhat.to(x.dtype).float(), scale.shape[0])  # the reference modulates LN(x) in x's dtype
+    dxhat = dout * (1 + reference.expand_groups(scale.float(), x.shape[0]))
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dshift.to(shift.dtype), dscale.to(scale.dtype)
 
 
 class LayerNormModulateFunction(torch.autograd.Function):
-    """Saves x (and the [M, D] vectors); backward recomputes LN(x) * (1 + scale) + shift."""
+    """Saves x (and the [M, D] vectors); backward recomputes the statistics from x."""
 
     @staticmethod
     def forward(ctx, x, shift, scale, eps, out_dtype):
         ctx.save_for_backward(x, shift, scale)
-        ctx.eps, ctx.out_dtype = eps, out_dtype
+        ctx.eps = eps
         return reference.layernorm_modulate(x, shift, scale, eps).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        def op(x, shift, scale):
-            return reference.layernorm_modulate(x, shift, scale, ctx.eps).to(ctx.out_dtype)
-
-        return (*recompute_grads(op, ctx.saved_tensors, dout, ctx.needs_input_grad[:3]), None, None)
+        x, shift, scale = ctx.saved_tensors
+        return (*layernorm_modulate_backward(dout, x, shift, scale, ctx.eps), None, None)
 
 
 def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
