@@ -159,9 +159,10 @@ class TrainConfig:
     """For checkpointing=every-k: checkpoint every k-th block."""
     memory_budget_gb: float = 0.0
     """GiB that checkpointing=auto plans to fit (0 = the GPU's memory; give a number to plan on a CPU)."""
-    residual_dtype: str = "fp32"
-    """dtype of the residual stream between blocks under bf16/fp8 precision: fp32 | bf16 (half the bytes every
-    saved block input costs). fp32 precision always keeps an fp32 residual."""
+    residual_dtype: str = "bf16"
+    """dtype of the residual stream between blocks under bf16/fp8 precision: bf16 (default: half the bytes of every
+    kept block input; tiny-t2v bf16 losses equal fp32's within seed noise, docs/memory.md) | fp32. fp32 precision
+    always keeps an fp32 residual."""
     compile: bool = False
     """torch.compile each block."""
     seed: int = 0

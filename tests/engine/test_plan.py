@@ -47,10 +47,10 @@ def test_activations_match_saved_tensors(size, mode):
     ["train.precision=bf16", "model.attention_backend=sdpa-math"],  # math upcasts to fp32 inside
     ["train.precision=bf16", "train.checkpointing=selective-mlp"],  # the checkpoint keeps the fp32 MLP input
     ["data.num_images=2", "data.frames=4", "model.pooled_caption=true"],  # per-frame captions, pooled caption
-    ["train.precision=bf16", "train.residual_dtype=bf16"],      # a bf16 residual stream: half of each block input
+    ["train.precision=bf16", "train.residual_dtype=fp32"],      # an fp32 residual stream: twice each block input
     ["train.precision=bf16", "model.kernels=triton"],           # Triton LN-modulate keeps mean/rstd too
-    ["train.precision=bf16", "train.residual_dtype=bf16", "train.checkpointing=full"],
-], ids=["math", "bf16", "bf16-math", "bf16-selective-mlp", "images", "bf16-residual", "triton", "bf16-residual-full"])
+    ["train.precision=bf16", "train.residual_dtype=fp32", "train.checkpointing=full"],
+], ids=["math", "bf16", "bf16-math", "bf16-selective-mlp", "images", "fp32-residual", "triton", "fp32-residual-full"])
 def test_activation_variants_of_tiny_t2v(overrides):
     config = build_config("tiny-t2v", ["train.batch_size=4", *overrides])
     assert within(plan.predict_memory(config, "cpu").activation_bytes, measure_saved_bytes(config))
@@ -128,7 +128,9 @@ def test_fit_search_says_none_when_nothing_fits():
 def test_checkpointing_needed_is_the_least_recompute_that_fits():
     config = build_config("latte-t2v-512", ["train.batch_size=4"])
     assert plan.checkpointing_needed(config, 1000 * plan.GIB) == "none"
-    assert plan.checkpointing_needed(config, 80 * plan.GIB) == "full"  # batch 4 at 512^2 needs full
+    assert plan.checkpointing_needed(config, 80 * plan.GIB) == "every-k"  # half of the blocks recomputed
+    fp32_residual = plan.with_value(config, "train.residual_dtype", "fp32")
+    assert plan.checkpointing_needed(fp32_residual, 80 * plan.GIB) == "full"
     needed = plan.checkpointing_needed(build_config("latte-xl2-ucf", ["train.batch_size=24"]), 80 * plan.GIB)
     assert needed not in (None, "none", "full")
 
