@@ -9,7 +9,10 @@ import sys
 # varying activations (engine/plan.py plans with that margin). A value the user set wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from ristretto.engine.cli import main  # noqa: E402 - after the allocator setting
-
 if __name__ == "__main__":
+    try:  # a Ctrl-C before main() has its own handlers (while Python imports it) is one line too
+        from ristretto.engine.cli import main
+    except KeyboardInterrupt:
+        print("error: interrupted by SIGINT during start-up; nothing was written", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

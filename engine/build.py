@@ -1,6 +1,7 @@
 """From a RunConfig to a ready model: build the plain Latte, then apply the seams from outside, in a fixed order
-(torchtitan-style): kernels -> attention backend -> [EMA copy] -> precision (FP8 converters) -> activation
-checkpointing -> compile. The EMA copy is taken before the converters so it stays plain weights."""
+(torchtitan-style): kernels -> attention backend -> [pretrained weights] -> [EMA copy] -> precision (FP8
+converters) -> freeze -> activation checkpointing -> compile. The EMA copy is taken before the converters so it stays
+plain weights."""
 import logging
 
 import torch
@@ -13,6 +14,7 @@ from ristretto.model.latte import Latte, latte_from_config
 from .checkpointing import apply_activation_checkpointing
 from .ema import EMA
 from .precision import Precision, apply_precision
+from .pretrained import apply_freeze, initialise_from_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +64,19 @@ def apply_residual_dtype(model: nn.Module, name: str, precision: str) -> None:
     model.residual_dtype = torch.bfloat16 if name == "bf16" and precision != "fp32" else torch.float32
 
 
-def build_training_model(config, device: torch.device) -> tuple[nn.Module, EMA | None, Precision]:
-    """Model on `device` with every seam applied, its EMA (None when train.ema_decay = 0) and the precision plan."""
-    model = build_plain_model(config).to(device)
+def build_training_model(config, device: torch.device,
+                         pretrained: bool = True) -> tuple[nn.Module, EMA | None, Precision]:
+    """Model on `device` with every seam applied, its EMA (None when train.ema_decay = 0) and the precision plan.
+    `pretrained`: load model.init / model.init_spatial (a resumed run skips it: its checkpoint has the weights)."""
+    model = build_plain_model(config)
+    if pretrained:
+        initialise_from_pretrained(model, config)
+    model = model.to(device)
     train = config.train
     ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
     precision = apply_precision(model, train.precision, train.fp8_recipe)
     apply_residual_dtype(model, train.residual_dtype, train.precision)
+    apply_freeze(model, config.model.freeze)  # after the converters, which may replace parameters
     choices = None
     if train.checkpointing == "auto":  # the planner picks what each block recomputes to fit the budget
         from .plan import auto_choices, describe_choices, memory_budget_bytes, predict_memory  # noqa: PLC0415
