@@ -20,11 +20,16 @@ layer, bf16 autocast). Writes a table, JSON (memory_<device>.json), a chart.
 import argparse
 import copy
 import gc
+import os
 from pathlib import Path
 
 import torch
 
-from ristretto.bench.common import RESULTS_DIR, format_table, write_report
+if not torch.cuda.is_available():
+    # the per-layer rows run Triton kernels: on a CPU in the interpreter, chosen before any kernel is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ristretto.bench.common import RESULTS_DIR, format_table, write_report  # noqa: E402
 from ristretto.bench.layer_memory import layer_rows
 from ristretto.bench.step import CONFIGS, StepConfig, cpu_threads, random_inputs
 from ristretto.engine.build import build_training_model

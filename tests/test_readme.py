@@ -12,6 +12,8 @@ test_every_readme_command_has_one_rule). How each kind is checked, and why:
           renamed preset or field fails here, but nothing trains
   bench   `python -m ristretto.bench.kernels | attention | step | memory`: each --help works, and the kernels smoke
           run (one op) writes its JSON where the README says (runs/bench/ in the working directory)
+  slow    run as written, but only with `pytest -m slow`: `python -m ristretto.bench.memory --smoke` takes ~1.5
+          CPU-minutes (its per-layer rows run Triton kernels in the interpreter)
   skip    pip install (what .ci/run does before this suite), pytest (this suite), torchrun with 8 processes
           (tests/engine/test_torchrun.py runs the same CLI under torchrun with 2), `hf download` (nothing downloads
           at test time) and the export of the fine-tuned run that needs those downloads (the same export command
@@ -55,6 +57,7 @@ RULES = [  # (pattern the whole command must match, kind)
     (r"python -m ristretto\.engine\.plan .*", "run"),
     (r"python -m ristretto\.bench\.quality --run DIR.*", "run"),
     (r"python -m ristretto\.bench\.kernels \| attention \| step \| memory", "bench"),
+    (r"python -m ristretto\.bench\.memory --smoke", "slow"),
 ]
 
 
@@ -136,6 +139,13 @@ def test_run_commands_work_as_written(command, workdir):
         run(argv, workdir)
     if " --run " in command:
         assert (workdir / MY_RUN / "report.html").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c in readme_commands() if kind_of(c) == "slow"])
+def test_slow_commands_work_as_written(command, tmp_path):
+    run(as_argv(command), tmp_path, timeout=1200)
+    assert list((tmp_path / "runs" / "bench").glob("*.json"))  # where the README says benchmarks write
 
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if kind_of(c) == "help"])
