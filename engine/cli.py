@@ -24,7 +24,7 @@ from .config import PRESETS, ConfigError, build_config, config_from_dict, config
 EXIT_USAGE = 2
 EXIT_FAULT = 1
 # Fields that do not change the model's parameters or the shape of what it sees: free to differ on resume.
-SHAPE_FREE_MODEL_FIELDS = ("attention_backend", "kernels")
+SHAPE_FREE_MODEL_FIELDS = ("attention_backend", "temporal_attention", "kernels")
 SHAPE_DATA_FIELDS = ("frames", "resolution", "num_images")
 
 

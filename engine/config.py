@@ -50,6 +50,10 @@ class ModelConfig:
     lets small models turn caption words into layout and motion (docs/proof.md)."""
     attention_backend: str = "sdpa"
     """sdpa | sdpa-flash | sdpa-cudnn | sdpa-efficient | sdpa-math | fa4 | fa3 | fa2 | xformers."""
+    temporal_attention: str = "attention_backend"
+    """Attention across frames: "attention_backend" (model.attention_backend on q, k, v copied into [B*S, F] frame
+    sequences) or "triton" (kernels/temporal_attention.py: reads them in place, no copies). The default stays
+    attention_backend until the Triton kernel is measured faster on a GPU (bench/attention.py)."""
     kernels: str = "torch"
     """Fused ops: "triton" (Triton kernels) or "torch" (the pure-torch reference)."""
     vae: str = "identity"
@@ -229,6 +233,7 @@ CHOICES = {
     "model.attention_backend": ("sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "fa4", "fa3", "fa2",
                                 "xformers"),
     "model.kernels": ("torch", "triton"),
+    "model.temporal_attention": ("attention_backend", "triton"),
     "model.patch_size": (1, 2, 4, 8),
     "data.kind": ("synthetic", "captioned", "class_folders", "cached"),
     "diffusion.schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
