@@ -118,26 +118,29 @@ class BlockSpec:
 
 
 def attention_saved(rows: int, queries: int, keys: int, g: TokenGeometry, out: int, probabilities: bool,
-                    self_attention: bool, masked: bool) -> int:
-    """Bytes the attention call itself keeps (q, k, v storage included), for [rows, queries] x [rows, keys]."""
+                    self_attention: bool, masked: bool, key_rows: int | None = None) -> int:
+    """Bytes the attention call itself keeps (q, k, v storage included), for [rows, queries] x [key_rows, keys]
+    (key_rows < rows: cross-attention's caption K/V shared by the frames of a sample, not repeated)."""
     d, h = g.hidden, g.heads
-    q_tokens, k_tokens = rows * queries, rows * keys
+    key_rows = rows if key_rows is None else key_rows
+    q_tokens, k_tokens = rows * queries, key_rows * keys
     if probabilities:  # math kernel: q*scale, k*scale, a contiguous v and the probabilities, then proj's input
         upcast = math_attention_bytes(out)
         return upcast * (q_tokens * d + 2 * k_tokens * d + rows * h * queries * keys) + out * q_tokens * d
     # flash-style: q, k, v (self-attention: one qkv storage), out (proj's input is a view of it), fp32 lse
     qkv = out * (3 * q_tokens * d if self_attention else q_tokens * d + 2 * k_tokens * d)
-    return qkv + out * q_tokens * d + FP32 * rows * h * queries + (out * rows * keys if masked else 0)
+    return qkv + out * q_tokens * d + FP32 * rows * h * queries + (out * k_tokens if masked else 0)
 
 
 def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilities: bool,
-                triton_kernels: bool) -> dict[str, int]:
+                triton_kernels: bool, temporal_copies: bool = True) -> dict[str, int]:
     """Bytes one block keeps for backward, by part (model/blocks.py LatteBlock with kernels/reference.py ops)."""
     d, m, tokens = g.hidden, g.mlp_hidden, spec.rows * spec.length
     if spec.checkpointed == "block":  # torch.utils.checkpoint keeps the block's input (the conditions are shared)
         return {"block input": FP32 * tokens * d}
     # The Triton LN-modulate saves x, mean, rstd and the compact [B, D] vectors, not the normalised values.
-    vector_rows = g.batch if triton_kernels else spec.rows
+    # temporal blocks run on the video rows [B*F, S, D] (model/layout.py): their vectors expand to B*F rows
+    vector_rows = g.batch if triton_kernels else (spec.rows if spec.spatial else g.batch * g.frames)
     normed = 0 if triton_kernels else FP32 * tokens * d
     i, o, w = saved.block_linear_in, saved.out, saved.block_weight_copy
     vector = vector_bytes(g, saved) * vector_rows * d  # one expanded adaLN vector (1 + scale, or gate)
@@ -150,13 +153,16 @@ def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilit
     else:
         parts["attention"] = i * tokens * d + attention_saved(spec.rows, spec.length, spec.length, g, o, probabilities,
                                                               self_attention=True, masked=False)
+        if temporal_copies and not spec.spatial and not probabilities:  # proj's input: the output put back in
+            parts["attention"] += o * tokens * d  # the spatial layout (a copy; the Triton temporal kernel has none)
         parts["weight copies"] = w * 4 * d * d
     if spec.cross:
         if spec.checkpointed == "attention":
             parts["cross_attention"] = FP32 * tokens * d  # its input x; the caption context is shared
         else:
             parts["cross_attention"] = i * tokens * d + attention_saved(
-                spec.rows, spec.length, g.caption_length, g, o, probabilities, self_attention=False, masked=True)
+                spec.rows, spec.length, g.caption_length, g, o, probabilities, self_attention=False, masked=True,
+                key_rows=g.context_rows)
             parts["weight copies"] += w * 4 * d * d
     if spec.checkpointed == "mlp":
         parts["mlp"] = FP32 * tokens * d
@@ -280,7 +286,8 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None) 
     triton = model.kernels == "triton"
     specs = block_specs(g, train.checkpointing, train.checkpointing_every)
 
-    per_block = [block_parts(g, spec, saved, probabilities, triton) for spec in specs]
+    temporal_copies = model.temporal_attention != "triton"
+    per_block = [block_parts(g, spec, saved, probabilities, triton, temporal_copies) for spec in specs]
     breakdown = {
         "weights (fp32 master)": FP32 * params,
         "gradients (fp32)": FP32 * params,
@@ -291,7 +298,8 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None) 
         "activations.temporal blocks": sum(sum(p.values()) for p, s in zip(per_block, specs) if not s.spatial),
         "activations.embed + conditioning": conditioning_bytes(g, saved, any(s.checkpointed == "block" for s in specs)),
         "activations.final layer + loss": final_and_loss_bytes(g, saved, triton),
-        "transient.recompute (one checkpointed unit)": recompute_bytes(g, specs, saved, probabilities, triton),
+        "transient.recompute (one checkpointed unit)": recompute_bytes(g, specs, saved, probabilities, triton,
+                                                                       temporal_copies),
         "transient.gradients in flight": gradients_in_flight(g, saved),
         "transient.attention backward workspace": attention_workspace(g, saved, probabilities),
         "optimizer step workspace": FP32 * params,  # foreach AdamW's denominators
@@ -323,14 +331,14 @@ def peak_from(breakdown: dict[str, int], grad_accum: int) -> int:
     return persistent + max(backward, step, encode)
 
 
-def recompute_bytes(g, specs, saved, probabilities, triton) -> int:
+def recompute_bytes(g, specs, saved, probabilities, triton, temporal_copies=True) -> int:
     """The largest unit a checkpoint recomputes in backward: its full activations exist again for a moment."""
     largest = 0
     for spec in specs:
         if not spec.checkpointed:
             continue
         full = block_parts(g, BlockSpec(spec.rows, spec.length, spec.spatial, spec.cross, ""), saved, probabilities,
-                           triton)
+                           triton, temporal_copies)
         if spec.checkpointed == "block":
             largest = max(largest, sum(full.values()))
         elif spec.checkpointed == "mlp":
