@@ -80,6 +80,19 @@ def forced_sdpa(name: str) -> AttentionFn:
     return attention
 
 
+def packed_self_attention(attention_fn: AttentionFn, qkv: torch.Tensor) -> torch.Tensor:
+    """Self-attention on the qkv projection's output [N, S, 3, heads, dim] -> [N, S, heads, dim].
+
+    A backend with a packed entry (`attention_fn.packed`: FlashAttention's qkvpacked function) takes qkv whole and
+    returns one dqkv in backward. Otherwise q, k, v are unbound as views (saved once, as one storage), and autograd
+    stacks the backend's separate dq, dk, dv into dqkv in backward: torch's SDPA has no packed form, so that one
+    transient copy stays for the sdpa backends."""
+    packed = getattr(attention_fn, "packed", None)
+    if packed is not None:
+        return packed(qkv)
+    return attention_fn(*qkv.unbind(2))
+
+
 # ---- varlen packing for the flash backends ----
 
 @dataclass
@@ -155,6 +168,12 @@ def load_flash(name: str) -> AttentionFn:
         return first_output(out).view_as(q)  # (N*Sq, heads, dim) -> (N, Sq, heads, dim)
 
     attention.__name__ = f"{name}_attention"
+    if hasattr(module, "flash_attn_qkvpacked_func"):  # its backward writes dq, dk, dv into one dqkv buffer
+        def packed(qkv):
+            check_flash_inputs(name, qkv)
+            return first_output(module.flash_attn_qkvpacked_func(qkv, softmax_scale=1.0 / math.sqrt(qkv.shape[-1])))
+
+        attention.packed = packed
     return attention
 
 

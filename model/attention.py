@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ristretto.kernels.attention import sdpa_attention
+from ristretto.kernels.attention import packed_self_attention, sdpa_attention
 
 from .layout import frame_sequences, frames_from_sequences
 
@@ -37,8 +37,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, samples: int) -> torch.Tensor:
         # samples (B) is what temporal attention needs to find the frames; attention within a frame does not
         rows, length, dim = x.shape
-        q, k, v = self.qkv(x).view(rows, length, 3, self.num_heads, dim // self.num_heads).unbind(2)  # (N, S, h, d)
-        out = self.attention_fn(q, k, v)  # (N, S, h, d)
+        qkv = self.qkv(x).view(rows, length, 3, self.num_heads, dim // self.num_heads)  # (N, S, 3, h, d)
+        out = packed_self_attention(self.attention_fn, qkv)  # (N, S, h, d)
         return self.proj(out.reshape(rows, length, dim))
 
 

@@ -148,7 +148,13 @@ def fake_flash_module(returns_lse: bool):
     def flash_attn_varlen_func(q, k, v, **kwargs):
         return wrap(reference_varlen(q, k, v, **kwargs))
 
-    return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func)
+    def flash_attn_qkvpacked_func(qkv, softmax_scale):
+        calls.append(tuple(qkv.shape))
+        return flash_attn_func(*qkv.unbind(2), softmax_scale=softmax_scale)
+
+    calls = []
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func,
+                                 flash_attn_qkvpacked_func=flash_attn_qkvpacked_func, packed_calls=calls)
 
 
 def fake_xformers_ops():
@@ -180,6 +186,21 @@ def test_optional_backend_wrapper_equals_math(monkeypatch, name, case):
     for what, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, atol=2e-2, rtol=2e-2, msg=lambda m: f"{name} {what}: {m}")
+
+
+@pytest.mark.parametrize("name", ["fa2", "fa3", "sdpa"])
+def test_packed_self_attention_equals_unbound(monkeypatch, name):
+    """fa2/fa3 get qkv whole (their backward writes one dqkv); sdpa gets unbound views of it."""
+    fake = fake_flash_module(returns_lse=name == "fa3")
+    if name != "sdpa":
+        monkeypatch.setitem(sys.modules, attn.OPTIONAL_PACKAGES[name][0], fake)
+    qkv = torch.randn(2, 9, 3, 2, 16, dtype=torch.bfloat16, requires_grad=True)
+    got = attn.packed_self_attention(attention_backend(name), qkv)
+    expected = attention_backend("sdpa-math")(*qkv.float().unbind(2))
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+    got.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+    assert fake.packed_calls == ([] if name == "sdpa" else [(2, 9, 3, 2, 16)])
 
 
 def test_flash_backends_reject_what_they_cannot_run(monkeypatch):
