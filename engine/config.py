@@ -438,6 +438,9 @@ def validate(config: RunConfig) -> RunConfig:
                           f"{config.diffusion.high_noise_bias}")
     if data.num_images < 0:
         raise ConfigError(f"data.num_images: must be >= 0, got {data.num_images}")
+    if model.temporal_attention == "triton" and data.frames > 64:  # kernels/temporal_attention.MAX_FRAMES
+        raise ConfigError(f"model.temporal_attention: the Triton kernel attends over at most 64 frames, got "
+                          f"data.frames={data.frames}; use model.temporal_attention=attention_backend")
     return config
 
 

@@ -6,7 +6,7 @@ frame f of sample b. At every spatial position s and head h, the F frames attend
 and out [B*F, S, heads, dim] is written in the same spatial layout, ready for the output projection.
 
 One program per (sample, block of BLOCK_S spatial positions, head). It loads the F x dim tiles of q, k, v of its
-positions (strided gathers: frame f of position s sits F*S*3*heads*dim... apart), keeps the F x F scores of each
+positions (rows of `dim` contiguous values; consecutive frames of a position are S*3*heads*dim apart), keeps the F x F scores of each
 position in registers (a batched tl.dot over positions) and writes out and the fp32 logsumexp. Backward recomputes
 the probabilities from the logsumexp (flash-attention's scheme), accumulates in fp32, and writes dq, dk, dv into one
 dqkv buffer shaped like qkv, so nothing is stacked afterwards.
@@ -165,12 +165,14 @@ def check_qkv(qkv: torch.Tensor, frames: int) -> torch.Tensor:
     return qkv.contiguous()
 
 
-def launch_config(qkv: torch.Tensor, frames: int) -> dict:
-    """Tile sizes: the F x dim tiles of BLOCK_S positions; fp32 dots run in IEEE fp32 (not TF32) to stay exact."""
+def launch_config(qkv: torch.Tensor, frames: int, backward: bool = False) -> dict:
+    """Tile sizes: the F x dim tiles of BLOCK_S positions; fp32 dots run in IEEE fp32 (not TF32) to stay exact.
+    Not yet tuned on a GPU: about 4K elements per tile, and twice the warps in backward, which holds ~10 such tiles."""
     f_pad, d_pad = padded(frames), padded(qkv.shape[-1])
-    block_s = max(1, min(16, 4096 // (f_pad * d_pad)))  # about 4K elements per tile keeps the backward in registers
+    block_s = max(1, min(16, 4096 // (f_pad * d_pad)))
     return dict(BLOCK_S=block_s, F_PAD=f_pad, D_PAD=d_pad, HEAD_DIM=qkv.shape[-1], N_FRAMES=frames,
-                PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
+                PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+                UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=8 if backward else 4)
 
 
 def _grid(qkv, frames, block_s):
@@ -191,7 +193,7 @@ def temporal_forward(qkv: torch.Tensor, frames: int) -> tuple[torch.Tensor, torc
 def temporal_backward(qkv, out, dout, lse, frames: int) -> torch.Tensor:
     rows, positions, _, heads, dim = qkv.shape
     dqkv = torch.empty_like(qkv)
-    config = launch_config(qkv, frames)
+    config = launch_config(qkv, frames, backward=True)
     _temporal_bwd_kernel[_grid(qkv, frames, config["BLOCK_S"])](
         qkv, out, dout, lse, dqkv, positions, heads, 1.0 / math.sqrt(dim), **config)
     return dqkv

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ristretto.engine.build import apply_attention_backend, build_plain_model
-from ristretto.engine.config import build_config
+from ristretto.engine.config import ConfigError, build_config
 from ristretto.kernels import reference
 from ristretto.model.attention import CrossAttention, attention_over_frames
 from ristretto.model.layout import frame_sequences, frames_from_sequences, video_rows, with_image_rows
@@ -61,6 +61,11 @@ def test_unknown_temporal_attention_names_the_field():
     model = build_plain_model(build_config("tiny-t2v", TINY))
     with pytest.raises(ValueError, match=r"model.temporal_attention: unknown 'flash'"):
         apply_attention_backend(model, "sdpa", temporal="flash")
+
+
+def test_triton_temporal_attention_refuses_more_frames_than_it_holds():
+    with pytest.raises(ConfigError, match=r"model.temporal_attention: .* at most 64 frames, got data.frames=65"):
+        build_config("tiny-t2v", ["model.temporal_attention=triton", "data.frames=65"])
 
 
 def test_attention_over_frames_equals_the_reference_twin():
