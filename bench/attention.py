@@ -11,6 +11,9 @@ Two kinds of cases (bf16, 16 heads x 72, 16 frames; Latte-XL/2 at 16x256^2 = 256
              output in the spatial layout: `triton` (kernels/temporal_attention.py, no copies), `<backend>+copies`
              (model.temporal_attention=attention_backend: q, k, v copied into frame sequences and the output back),
              and the torch reference twin (eager; compiled too on a GPU).
+Layer rows time one spatial + one temporal block, forward + backward (bf16 autocast, Triton LN kernels on a GPU),
+with the residual stream moved to [B*S, F, D] and back (before issue 16), through attention_backend, and with the
+Triton temporal kernel.
 Columns: TFLOP/s (4*N*Sq*Sk*heads*dim forward, 2.5x for forward+backward, flash-attention's convention) and the
 fraction of the bf16 peak; GB/s counts the bytes an ideal kernel must move (forward: read q, k, v, write out and the
 fp32 logsumexp; backward: read q, k, v, out, dout, logsumexp, write dq, dk, dv) and is compared with the copy
@@ -191,6 +194,84 @@ def bench_case(case: Case, backends: list[str], device, peak, copy_gbps) -> list
             for row in timed_rows(name, case, device, peak, copy_gbps, make_fn, inputs)]
 
 
+# ---- one Latte layer (spatial block + temporal block), forward + backward: the layouts before and after ----
+
+@dataclass(frozen=True)
+class LayerCase:
+    name: str
+    batch: int
+    frames: int
+    tokens: int   # S per frame
+    hidden: int
+    heads: int
+
+
+def layer_cases(smoke: bool) -> list[LayerCase]:
+    if smoke:
+        return [LayerCase("smoke layer", 1, 3, 16, 64, 2)]
+    return [LayerCase("latte-xl2 16x256 layer", 4, 16, 256, 1152, 16),
+            LayerCase("latte-1 16x512 layer", 2, 16, 1024, 1152, 16)]
+
+
+def layer_variants(case: LayerCase, device, kernels: str) -> dict:
+    """x [B*F, S, D], cond [B, D] -> one layer's output, three ways (same weights): `before` moves the residual stream
+    to [B*S, F, D] and back around the temporal block (the layout before issue 16); `attention_backend` keeps it in
+    the spatial layout and copies only q, k, v and the attention output; `triton` copies nothing."""
+    from ristretto.engine.build import apply_attention_backend, apply_kernels  # noqa: PLC0415
+    from ristretto.model.blocks import LatteBlock  # noqa: PLC0415
+    from ristretto.model.modulation import AdaLNZero  # noqa: PLC0415
+
+    d, h = case.hidden, case.heads
+    torch.manual_seed(0)
+    spatial = LatteBlock(d, h, 4.0, AdaLNZero(6, d), cross_attention=False).to(device)
+    temporal = LatteBlock(d, h, 4.0, AdaLNZero(6, d), cross_attention=False, temporal=True).to(device)
+    on_sequences = LatteBlock(d, h, 4.0, AdaLNZero(6, d), cross_attention=False).to(device)
+    on_sequences.load_state_dict(temporal.state_dict())
+    for block in (spatial, temporal, on_sequences):
+        apply_kernels(block, kernels)
+    b, f, t = case.batch, case.frames, case.tokens
+
+    def before(x, cond):
+        x = spatial(x, cond).view(b, f, t, d).transpose(1, 2).reshape(b * t, f, d)  # to_temporal: a copy
+        return on_sequences(x, cond).view(b, t, f, d).transpose(1, 2).reshape(b * f, t, d)  # to_spatial: a copy
+
+    def after(temporal_attention):
+        def make():  # bound when its row is timed, so one failing choice leaves the others running
+            apply_attention_backend(temporal, "sdpa", temporal_attention)
+            return lambda x, cond: temporal(spatial(x, cond), cond)
+
+        return make
+
+    return {"before (residual copies)": lambda: before, "attention_backend": after("attention_backend"),
+            "triton": after("triton")}
+
+
+def layer_rows(case: LayerCase, device, dtype) -> list[dict]:
+    """Forward + backward time of one layer per variant, and its speedup over `before`."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(case.batch * case.frames, case.tokens, case.hidden, generator=gen).to(device).requires_grad_()
+    cond = torch.randn(case.batch, case.hidden, generator=gen).to(device)
+    rows = []
+    for name, make_fn in layer_variants(case, device, "triton" if device.type == "cuda" else "torch").items():
+        base = {"case": case.name, "backend": name, "pass": "fwd+bwd"}
+        try:
+            fn = make_fn()
+
+            def forward_backward():
+                with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+                    out = fn(x, cond)
+                out.float().square().mean().backward()
+
+            rows.append({**base, "ms": time_ms(forward_backward, device, [x])})
+        except (RuntimeError, ValueError, ImportError, NotImplementedError) as error:
+            rows.append({**base, "note": str(error).splitlines()[0]})
+    before_ms = rows[0].get("ms")
+    for row in rows:
+        if before_ms and "ms" in row:
+            row["speedup vs before"] = before_ms / row["ms"]
+    return rows
+
+
 def run(out_dir: Path | str | None = None, backends: list[str] | None = None, smoke: bool = False) -> dict:
     """Benchmark every backend on every case; print the table; write JSON (+ PNG) to out_dir when given."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -201,12 +282,15 @@ def run(out_dir: Path | str | None = None, backends: list[str] | None = None, sm
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s on {device_name()}" + (" (smoke run: tiny shapes)" if smoke else ""))
     cases = benchmark_cases(smoke)
     rows = [row for case in cases for row in bench_case(case, backends, device, peak, copy_gbps)]
+    layer_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    layers = [row for case in layer_cases(smoke) for row in layer_rows(case, device, layer_dtype)]
     print(format_table([{**row, "note": row["note"][:100]} if "note" in row else row for row in rows]))
+    print(format_table(layers))
     payload = {"config": {"smoke": smoke, "dtype": "bfloat16", "backends": backends, "bf16_peak_tflops": peak,
                           "copy_bandwidth_gbps": copy_gbps,
                           "timer": "triton.testing.do_bench (median)" if device.type == "cuda" else "wall clock",
                           "cases": [asdict(case) for case in cases]},
-               "rows": rows}
+               "rows": rows, "layer_rows": layers}
     if out_dir is None:
         print("no results written (pass --out DIR to keep them, e.g. --out bench/results on a GPU)")
         return payload

@@ -45,6 +45,9 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     for backend in ("triton", "sdpa+copies", "sdpa-math+copies", "torch reference"):
         assert {("smoke temporal from qkv", backend, p) for p in ("fwd", "fwd+bwd")} <= timed
     assert all(r["GB/s"] > 0 and r["% of copy bw"] > 0 for r in payload["rows"] if "ms" in r)
+    layers = {r["backend"]: r for r in written["layer_rows"]}
+    assert set(layers) == {"before (residual copies)", "attention_backend", "triton"}
+    assert all(r["ms"] > 0 and r["speedup vs before"] > 0 for r in layers.values())
     failed = [r for r in payload["rows"] if r["backend"] == "sdpa-efficient"]
     assert failed and all("use 'sdpa'" in r["note"] for r in failed)  # a kernel that cannot run is a row, not a crash
     assert "TFLOP/s" in capsys.readouterr().out

@@ -68,3 +68,10 @@ def test_saves_qkv_once_and_returns_one_gradient_buffer(device):
 def test_bad_shapes_are_named(shape, frames, match):
     with pytest.raises(ValueError, match=match):
         temporal_attention(torch.zeros(shape), frames)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,atol", DTYPES[1:], ids=DTYPE_IDS[1:])
+def test_latte_xl_shape_on_gpu(dtype, atol):
+    """Latte-XL/2's temporal attention (16 frames, 16 heads x 72) at 64 positions, compiled for the GPU."""
+    check(2, 16, 64, 16, 72, dtype, atol, torch.device("cuda"))
