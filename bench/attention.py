@@ -142,12 +142,17 @@ def triton_temporal_attention():
     return temporal_attention
 
 
+def without_projection(temporal_attention_fn):
+    """The model's temporal attention with an identity output projection: (qkv, frames) -> [B*F, S, heads*dim]."""
+    return lambda qkv, frames: temporal_attention_fn(qkv, frames, lambda out: out)
+
+
 def temporal_implementations(backends: list[str], compile_reference: bool) -> dict:
     """(qkv, frames) -> out in the spatial layout: our kernel, each backend with layout copies, the torch twin
     (eager, and compiled on a GPU: a fused kernel must beat torch.compile of the same ops)."""
     impls = {"triton": triton_temporal_attention}
-    impls.update({f"{name}+copies": (lambda name=name: attention_over_frames(attention_backend(name)))
-                  for name in backends})
+    for name in backends:
+        impls[f"{name}+copies"] = lambda name=name: without_projection(attention_over_frames(attention_backend(name)))
     impls["torch reference"] = lambda: reference.temporal_attention
     if compile_reference:
         impls["torch.compile reference"] = lambda: torch.compile(reference.temporal_attention)

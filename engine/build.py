@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ristretto.kernels.attention import attention_backend
-from ristretto.model.attention import TemporalAttentionFn, attention_over_frames
+from ristretto.model.attention import TemporalAttentionFn, attention_in_spatial_layout, attention_over_frames
 from ristretto.kernels.registry import kernel_set
 from ristretto.model.latte import Latte, latte_from_config
 
@@ -27,12 +27,12 @@ def apply_kernels(model: nn.Module, name: str) -> None:
 
 
 def temporal_attention_backend(name: str, attention_fn) -> TemporalAttentionFn:
-    """model.temporal_attention: the Triton kernel (reads q, k, v in the spatial layout) or `attention_fn` on frame
-    sequences (copies in and out)."""
+    """model.temporal_attention: the Triton kernel (reads q, k, v and writes its output in the spatial layout) or
+    `attention_fn` on frame sequences (q, k, v copied in, the projected output copied back)."""
     if name == "triton":
         from ristretto.kernels.temporal_attention import temporal_attention  # noqa: PLC0415 - Triton on demand
 
-        return temporal_attention
+        return attention_in_spatial_layout(temporal_attention)
     if name == "attention_backend":
         return attention_over_frames(attention_fn)
     raise ValueError(f"model.temporal_attention: unknown {name!r}; expected 'attention_backend' or 'triton'")

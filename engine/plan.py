@@ -133,7 +133,7 @@ def attention_saved(rows: int, queries: int, keys: int, g: TokenGeometry, out: i
 
 
 def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilities: bool,
-                triton_kernels: bool, temporal_copies: bool = True) -> dict[str, int]:
+                triton_kernels: bool) -> dict[str, int]:
     """Bytes one block keeps for backward, by part (model/blocks.py LatteBlock with kernels/reference.py ops)."""
     d, m, tokens = g.hidden, g.mlp_hidden, spec.rows * spec.length
     if spec.checkpointed == "block":  # torch.utils.checkpoint keeps the block's input (the conditions are shared)
@@ -153,8 +153,6 @@ def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilit
     else:
         parts["attention"] = i * tokens * d + attention_saved(spec.rows, spec.length, spec.length, g, o, probabilities,
                                                               self_attention=True, masked=False)
-        if temporal_copies and not spec.spatial and not probabilities:  # proj's input: the output put back in
-            parts["attention"] += o * tokens * d  # the spatial layout (a copy; the Triton temporal kernel has none)
         parts["weight copies"] = w * 4 * d * d
     if spec.cross:
         if spec.checkpointed == "attention":
@@ -286,8 +284,7 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None) 
     triton = model.kernels == "triton"
     specs = block_specs(g, train.checkpointing, train.checkpointing_every)
 
-    temporal_copies = model.temporal_attention != "triton"
-    per_block = [block_parts(g, spec, saved, probabilities, triton, temporal_copies) for spec in specs]
+    per_block = [block_parts(g, spec, saved, probabilities, triton) for spec in specs]
     breakdown = {
         "weights (fp32 master)": FP32 * params,
         "gradients (fp32)": FP32 * params,
@@ -298,8 +295,7 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None) 
         "activations.temporal blocks": sum(sum(p.values()) for p, s in zip(per_block, specs) if not s.spatial),
         "activations.embed + conditioning": conditioning_bytes(g, saved, any(s.checkpointed == "block" for s in specs)),
         "activations.final layer + loss": final_and_loss_bytes(g, saved, triton),
-        "transient.recompute (one checkpointed unit)": recompute_bytes(g, specs, saved, probabilities, triton,
-                                                                       temporal_copies),
+        "transient.recompute (one checkpointed unit)": recompute_bytes(g, specs, saved, probabilities, triton),
         "transient.gradients in flight": gradients_in_flight(g, saved),
         "transient.attention backward workspace": attention_workspace(g, saved, probabilities),
         "optimizer step workspace": FP32 * params,  # foreach AdamW's denominators
@@ -331,14 +327,14 @@ def peak_from(breakdown: dict[str, int], grad_accum: int) -> int:
     return persistent + max(backward, step, encode)
 
 
-def recompute_bytes(g, specs, saved, probabilities, triton, temporal_copies=True) -> int:
+def recompute_bytes(g, specs, saved, probabilities, triton) -> int:
     """The largest unit a checkpoint recomputes in backward: its full activations exist again for a moment."""
     largest = 0
     for spec in specs:
         if not spec.checkpointed:
             continue
         full = block_parts(g, BlockSpec(spec.rows, spec.length, spec.spatial, spec.cross, ""), saved, probabilities,
-                           triton, temporal_copies)
+                           triton)
         if spec.checkpointed == "block":
             largest = max(largest, sum(full.values()))
         elif spec.checkpointed == "mlp":

@@ -10,16 +10,27 @@ from ristretto.kernels.attention import packed_self_attention, sdpa_attention
 
 from .layout import frame_sequences, frames_from_sequences
 
-# (qkv [B*F, S, 3, heads, dim], frames F) -> out [B*F, S, heads, dim]: attention across the frames of each position
-TemporalAttentionFn = Callable[[torch.Tensor, int], torch.Tensor]
+# (qkv [B*F, S, 3, heads, dim], frames F, project: the output projection) -> projected output [B*F, S, D]
+TemporalAttentionFn = Callable[[torch.Tensor, int, Callable], torch.Tensor]
 
 
 def attention_over_frames(attention_fn) -> TemporalAttentionFn:
-    """Temporal attention through a (q, k, v) attention backend: regroup q, k, v into [B*S, F] frame sequences,
-    attend, and put the output back in the spatial layout (two copies; the Triton kernel needs neither)."""
-    def temporal_attention(qkv: torch.Tensor, frames: int) -> torch.Tensor:
+    """Temporal attention through a (q, k, v) attention backend: q, k, v regrouped into [B*S, F] frame sequences, the
+    output projected in that layout and put back in the spatial layout. Projecting before the move means the copy
+    is of the projection's output, which autograd does not keep (the projection keeps its input, a view of the
+    attention output the backend keeps anyway)."""
+    def temporal_attention(qkv: torch.Tensor, frames: int, project: Callable) -> torch.Tensor:
         q, k, v = frame_sequences(qkv, frames)  # each (B*S, F, h, d)
-        return frames_from_sequences(attention_fn(q, k, v), qkv.shape[1])  # (B*F, S, h, d)
+        out = project(attention_fn(q, k, v).flatten(-2))  # (B*S, F, D)
+        return frames_from_sequences(out, qkv.shape[1])  # (B*F, S, D)
+
+    return temporal_attention
+
+
+def attention_in_spatial_layout(kernel) -> TemporalAttentionFn:
+    """Temporal attention by a kernel that reads qkv and writes its output in the spatial layout (no copies)."""
+    def temporal_attention(qkv: torch.Tensor, frames: int, project: Callable) -> torch.Tensor:
+        return project(kernel(qkv, frames).flatten(-2))  # (B*F, S, D)
 
     return temporal_attention
 
@@ -53,8 +64,7 @@ class TemporalSelfAttention(SelfAttention):
     def forward(self, x: torch.Tensor, samples: int) -> torch.Tensor:
         rows, length, dim = x.shape
         qkv = self.qkv(x).view(rows, length, 3, self.num_heads, dim // self.num_heads)  # (B*F, S, 3, h, d)
-        out = self.temporal_attention_fn(qkv, rows // samples)  # (B*F, S, h, d)
-        return self.proj(out.reshape(rows, length, dim))
+        return self.temporal_attention_fn(qkv, rows // samples, self.proj)  # (B*F, S, D)
 
 
 class CrossAttention(nn.Module):

@@ -41,9 +41,9 @@ def frame_sequences(qkv: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch
 
 
 def frames_from_sequences(out: torch.Tensor, tokens: int) -> torch.Tensor:
-    """[B*S, F, heads, dim] -> [B*F, S, heads, dim] (a copy)."""
-    rows, frames, heads, dim = out.shape
-    return out.view(rows // tokens, tokens, frames, heads, dim).transpose(1, 2).reshape(-1, tokens, heads, dim)
+    """[B*S, F, ...] -> [B*F, S, ...] (a copy)."""
+    by_position = out.unflatten(0, (-1, tokens))  # (B, S, F, ...)
+    return by_position.transpose(1, 2).reshape(-1, tokens, *out.shape[2:])
 
 
 def unpatchify(tokens: torch.Tensor, batch: int, patch: int, height: int, width: int) -> torch.Tensor:
