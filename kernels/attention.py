@@ -3,7 +3,9 @@
 Contract shared by every backend:
     q [N, Sq, heads, dim], k and v [N, Sk, heads, dim] (the "BSHD" layout flash-attention wants),
     mask None or bool [N, Sk] (True = attend; padding = False) -> out [N, Sq, heads, dim].
-Spatial attention calls it with N = B*F, S = H*W; temporal with N = B*H*W, S = F (see model/layout.py).
+Spatial self-attention calls it through `packed_self_attention` with N = B*F, S = H*W (a backend may take the packed
+qkv projection output whole: `attention_fn.packed`); temporal attention, when it goes through a backend, with
+N = B*H*W, S = F (see model/layout.py); cross-attention with N = B and the F*H*W tokens of a sample's frames as Sq.
 The softmax scale is always 1/sqrt(dim); there is no dropout and no causal mask.
 
 A row of `mask` that is all False (a caption with no tokens) has no defined answer: sdpa returns NaN for it and the

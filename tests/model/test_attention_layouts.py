@@ -111,3 +111,15 @@ def test_cross_attention_without_repeats_equals_per_frame_attention(captions):
     q = attention.q(x).view(6, 5, 2, 8)
     out = attention.attention_fn(q, k, v, mask.repeat_interleave(rows_per_caption, 0))
     torch.testing.assert_close(got, attention.proj(out.reshape(6, 5, 16)), atol=1e-6, rtol=1e-5)
+
+
+def test_triton_temporal_attention_under_bf16_autocast_is_close_to_fp32():
+    config = build_config("tiny-class", TINY)
+    model = randomised(build_plain_model(config))
+    apply_attention_backend(model, "sdpa", temporal="triton")
+    video = torch.randn(2, 3, config.model.in_channels, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        exact = model(video, torch.tensor([10, 600]), label=torch.tensor([1, 4]))
+        with torch.autocast("cpu", torch.bfloat16):
+            low = model(video, torch.tensor([10, 600]), label=torch.tensor([1, 4]))
+    assert (low.float() - exact).abs().max() <= 0.05 * exact.abs().max()  # bf16 q, k, v reach the kernel
