@@ -38,6 +38,12 @@ def test_head_dims(dim, dtype, atol, device):
     check(1, 3, 3, 3, dim, dtype, atol, device)
 
 
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=DTYPE_IDS)
+def test_many_pairs_per_program(dtype, atol, device):
+    """dim 16: 4 heads x 4 positions per program; 3 heads and 5 positions leave padding pairs of both kinds."""
+    check(2, 3, 5, 3, 16, dtype, atol, device)
+
+
 def test_sixty_four_frames(device):
     check(1, MAX_FRAMES, 2, 1, 64, torch.float32, 1e-5, device)
 
@@ -46,6 +52,9 @@ def test_tiles_cover_odd_shapes():
     qkv = torch.empty(17 * 2, 5, 3, 2, 72)
     config = launch_config(qkv, 17)
     assert (config["F_PAD"], config["D_PAD"], config["HEAD_DIM"], config["N_FRAMES"]) == (32, 128, 72, 17)
+    assert config["BLOCK_S"] * config["HEADS"] * 32 * 128 <= 4096  # (position, head) pairs x F_PAD x D_PAD
+    wide = launch_config(torch.empty(2, 5, 3, 3, 16), 2)  # 3 heads: a group of 4 with one padding head
+    assert (wide["HEADS"], wide["BLOCK_S"]) == (4, 4)
     assert config["PRECISION"] == "ieee"  # fp32 dots stay fp32 (TF32 would lose the fp32 tolerance)
 
 
