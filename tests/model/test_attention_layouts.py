@@ -68,6 +68,16 @@ def test_triton_temporal_attention_refuses_more_frames_than_it_holds():
         build_config("tiny-t2v", ["model.temporal_attention=triton", "data.frames=65"])
 
 
+def test_triton_temporal_attention_on_cpu_without_the_interpreter_is_refused_up_front(monkeypatch):
+    from ristretto.engine.preflight import check_environment  # noqa: PLC0415
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    config = build_config("tiny-t2v", ["model.temporal_attention=triton"])
+    with pytest.raises(ConfigError, match=r"model.temporal_attention=triton: .* CUDA GPU .* on cpu; use "
+                                          r"model.temporal_attention=attention_backend"):
+        check_environment(config, torch.device("cpu"))
+
+
 def test_attention_over_frames_equals_the_reference_twin():
     qkv = torch.randn(2 * 5, 7, 3, 2, 8, dtype=torch.float64)
     got = attention_over_frames(reference_sdpa)(qkv, 5, project=lambda out: out)
