@@ -12,7 +12,7 @@ from ristretto.model.latte import Latte, latte_from_config
 
 from .checkpointing import apply_activation_checkpointing
 from .ema import EMA
-from .precision import Precision, apply_precision
+from .precision import Precision, apply_precision, gemm_rows
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,22 @@ def build_plain_model(config) -> Latte:
     return model
 
 
+def fp8_gemm_rows(config):
+    """GEMM rows of each block linear per micro-batch (precision.gemm_rows), for the FP8 rule's pays-off part."""
+    _, size = latent_geometry(config)
+    tokens = config.data.frames * (size // config.model.patch_size) ** 2
+    return gemm_rows(config.train.batch_size, tokens, config.model.caption_length)
+
+
 def build_training_model(config, device: torch.device) -> tuple[nn.Module, EMA | None, Precision]:
     """Model on `device` with every seam applied, its EMA (None when train.ema_decay = 0) and the precision plan."""
     model = build_plain_model(config).to(device)
     train = config.train
     ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
-    precision = apply_precision(model, train.precision, train.fp8_recipe)
-    wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every)
+    precision = apply_precision(model, train.precision, train.fp8_recipe, emulate=train.fp8_emulate,
+                                rows=fp8_gemm_rows(config))
+    wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every,
+                                             precision.checkpoint_function())
     if wrapped:
         log.info("activation checkpointing %s: %d modules recompute in backward", train.checkpointing, wrapped)
     if train.compile:

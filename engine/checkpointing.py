@@ -3,7 +3,14 @@
 Modes: none | full (every block) | every-k (every k-th block) | selective-mlp (keep attention outputs, recompute each
 MLP) | selective-attention (keep MLP activations, recompute attention). The wrapped module stays in place (its
 forward is replaced on the instance), so parameter names and state dicts are unchanged.
+
+Recompute runs in backward, outside the forward's contexts. torch's checkpoint restores torch.autocast itself; FP8
+contexts it does not know (Transformer Engine's) come back through the `checkpoint_fn` the precision supplies
+(engine/precision.Precision.checkpoint_function: TE's checkpoint), whichever modules a mode picks.
 """
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -11,14 +18,16 @@ from torch.utils.checkpoint import checkpoint
 CHECKPOINTING_MODES = ("none", "full", "every-k", "selective-mlp", "selective-attention")
 
 
-def checkpoint_module(module: nn.Module) -> None:
-    """Recompute `module`'s forward during backward instead of saving its activations."""
+def checkpoint_module(module: nn.Module, checkpoint_fn: Callable | None = None) -> None:
+    """Recompute `module`'s forward during backward instead of saving its activations. `checkpoint_fn(function,
+    *args, **kwargs)` replaces torch's non-reentrant checkpoint (fp8-te: TE's, which re-enters the FP8 context)."""
     forward = module.forward
+    recompute = checkpoint_fn or partial(checkpoint, use_reentrant=False)
 
     def checkpointed_forward(*args, **kwargs):
         if not torch.is_grad_enabled():  # sampling: nothing to save, nothing to recompute
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return recompute(forward, *args, **kwargs)
 
     module.forward = checkpointed_forward
 
@@ -39,9 +48,10 @@ def modules_to_checkpoint(model: nn.Module, mode: str, every: int = 2) -> list[n
     return []
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> int:
-    """Wrap the modules `mode` names; returns how many were wrapped."""
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2,
+                                   checkpoint_fn: Callable | None = None) -> int:
+    """Wrap the modules `mode` names (recomputing through `checkpoint_fn`, see checkpoint_module); returns how many."""
     modules = modules_to_checkpoint(model, mode, every)
     for module in modules:
-        checkpoint_module(module)
+        checkpoint_module(module, checkpoint_fn)
     return len(modules)
