@@ -80,10 +80,14 @@ def fp8_linear_filter(name: str, module: nn.Module, rows: int | None = None) -> 
         return False
     if any(part in name.lower() for part in FP8_EXCLUDED_NAME_PARTS):
         return False
-    dims = (module.in_features, module.out_features)
-    if any(d % FP8_DIM_MULTIPLE for d in dims):
+    return fp8_shape_pays_off(module.in_features, module.out_features, rows)
+
+
+def fp8_shape_pays_off(in_features: int, out_features: int, rows: int | None) -> bool:
+    """The shape part of the FP8 rule: both dims divisible by 16 and (rows known) intensity >= FP8_MIN_INTENSITY."""
+    if in_features % FP8_DIM_MULTIPLE or out_features % FP8_DIM_MULTIPLE:
         return False
-    return rows is None or gemm_intensity(rows, *dims) >= FP8_MIN_INTENSITY
+    return rows is None or gemm_intensity(rows, in_features, out_features) >= FP8_MIN_INTENSITY
 
 
 def fp8_rule_text() -> str:

@@ -334,3 +334,72 @@ def test_gpu_fp8_training_tracks_bf16(precision_name, recipe):
     if torch.cuda.get_device_capability() < needed:
         pytest.skip(f"{recipe} needs sm_{needed[0]}{needed[1]}")
     assert_tracks_bf16(train_losses(precision_name, recipe, "cuda"), train_losses("bf16", device="cuda"))
+
+
+# ---- fp8-ao: compile or emulation; recipes ----
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["train.precision=fp8-ao"], r"^train.precision=fp8-ao needs train.compile=true: eager torchao float8 is slower"),
+    (["train.precision=bf16", "train.fp8_emulate=true"], r"^train.fp8_emulate: only torchao emulates float8; needs "
+                                                         r"train.precision=fp8-ao, got bf16$"),
+])
+def test_fp8_config_errors_name_the_fields(overrides, pattern):
+    from ristretto.engine.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=pattern):
+        build_config("tiny-t2v", overrides)
+
+
+def test_fp8_ao_with_compile_or_emulation_is_valid():
+    from ristretto.engine.config import build_config
+
+    build_config("tiny-t2v", ["train.precision=fp8-ao", "train.compile=true"])
+    build_config("tiny-t2v", ["train.precision=fp8-ao", "train.fp8_emulate=true"])
+
+
+@pytest.mark.parametrize("recipe, granularity", [("tensorwise", "TENSORWISE"), ("rowwise", "AXISWISE")])
+def test_fp8_ao_emulated_runs_on_cpu_with_its_recipe(recipe, granularity):
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    model = toy_model()
+    precision = apply_precision(model, "fp8-ao", recipe, emulate=True)  # no capability check: emulation
+    linears = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    assert precision.converted == FP8_NAMES and len(linears) == len(FP8_NAMES)
+    assert all(m.config.emulate and m.config.cast_config_input.scaling_granularity.name == granularity
+               for m in linears)
+    with precision.autocast():
+        model(*toy_batch()).float().square().mean().backward()
+
+
+def test_emulation_ignores_the_pays_off_part_but_not_the_shape_part():
+    pytest.importorskip("torchao.float8")
+    rows = prec.gemm_rows(batch_size=1, tokens_per_sample=16, caption_length=4)  # far below the threshold
+    assert apply_precision(toy_model(), "fp8-ao", "tensorwise", emulate=True, rows=rows).converted == FP8_NAMES
+
+
+def test_rule_keeps_small_gemms_in_bf16(fake_te, any_device_fp8, caplog):
+    rows = prec.gemm_rows(batch_size=1, tokens_per_sample=16, caption_length=4)
+    with caplog.at_level("INFO", logger=prec.__name__):
+        precision = apply_precision(toy_model(), "fp8-te", "delayed", rows=rows)
+    assert precision.converted == [] and precision.skipped == FP8_NAMES
+    assert "0 linears in FP8; 8 kept in bf16" in caplog.text and "FP8 rule:" in caplog.text
+
+
+# ---- the planner shows the rule and counts TE's copies ----
+
+def test_planner_shows_the_fp8_rule_and_counts_te_copies():
+    from ristretto.engine.config import build_config
+    from ristretto.engine.plan import predict_memory
+
+    latte1 = ["model.depth=2"]
+    bf16 = predict_memory(build_config("latte-t2v-512", latte1 + ["train.precision=bf16"]))
+    fp8 = predict_memory(build_config("latte-t2v-512", latte1 + ["train.precision=fp8-te"]))
+    assert "block linears in FP8 (FP8 rule:" in fp8.format() and "FP8 rule" not in bf16.format()
+    spatial_bf16, spatial_fp8 = bf16.block_parts["spatial"], fp8.block_parts["spatial"]
+    assert spatial_fp8["weight copies"] == spatial_bf16["weight copies"]  # row-wise + transposed FP8 = one bf16 copy
+    tokens, d = 16 * 1024, 1152
+    assert spatial_bf16["mlp"] - spatial_fp8["mlp"] == tokens * d  # fc1's input: one FP8 byte instead of two
+    tiny = predict_memory(build_config("synthetic-proof", ["train.precision=fp8-te"]))
+    assert "block linears stay bf16" in tiny.format()
+    assert tiny.peak_bytes == predict_memory(build_config("synthetic-proof", ["train.precision=bf16"])).peak_bytes
