@@ -51,8 +51,8 @@ FP8_DIM_MULTIPLE = 16          # FP8 GEMMs (TE, torch._scaled_mm) need both dims
 # The FP8 rule's pays-off threshold, in FLOP per byte of the bf16 GEMM [M, K] x [K, N]: M*K*N / (M*K + K*N + M*N)
 # (2*M*K*N FLOP over 2-byte reads of both operands and the write of the output). Below H100's bf16 ridge point
 # (989 TFLOP/s / 3.35 TB/s = 295; H200: 206) the bf16 GEMM is memory-bound, so FP8's 2x tensor-core rate saves nothing
-# while the amax + cast passes add memory traffic. Latte-1 (1152 wide, 16 x 1024 tokens per sample) sits at 550-750;
-# cross-attention K/V over 120 caption rows at ~100, and every linear of a 64-wide CPU model at <= 32.
+# while the amax + cast passes add memory traffic. Latte-1 (1152 wide, 16 x 1024 tokens per sample) sits at 556-873;
+# cross-attention K/V over 120 caption rows at 104, and every linear of a 64-wide CPU model at <= 50 (docs/precision.md).
 FP8_MIN_INTENSITY = 300
 # adaLN modulation linears take one row per sample (batch-sized GEMMs FP8 cannot tile) and feed adaLN-Zero gates.
 FP8_EXCLUDED_NAME_PARTS = ("adaln", "modulation")

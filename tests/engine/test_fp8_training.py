@@ -44,9 +44,9 @@ def te_linears(model):
 
 # ---- activation checkpointing ----
 
-def model_batch(config):
+def model_batch(config, device="cpu"):
     torch.manual_seed(0)
-    model = build_plain_model(config)
+    model = build_plain_model(config).to(device)
     with torch.no_grad():  # off adaLN-Zero's zero gates, so every block linear has a gradient
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
@@ -55,15 +55,16 @@ def model_batch(config):
     x = torch.randn(2, frames, config.model.in_channels, size, size, generator=gen)
     t = torch.tensor([10, 700])
     context = torch.randn(2, config.model.caption_length, config.model.caption_channels, generator=gen)
-    return model, dict(x=x, timestep=t, caption=context)
+    return model, {key: value.to(device) for key, value in dict(x=x, timestep=t, caption=context).items()}
 
 
-def fp8_gradients(mode: str, recipe: str, use_te_checkpoint: bool = True) -> dict[str, torch.Tensor]:
+def fp8_gradients(mode: str, recipe: str, use_te_checkpoint: bool = True, device="cpu",
+                  overrides=()) -> dict[str, torch.Tensor]:
     """Gradients of the second of two forward/backward passes (the first moves delayed scaling off scale 1)."""
-    config = build_config("tiny-t2v", TINY + [f"train.fp8_recipe={recipe}"])
-    model, batch = model_batch(config)
+    config = build_config("tiny-t2v", TINY + [f"train.fp8_recipe={recipe}", *overrides])
+    model, batch = model_batch(config, device)
     precision = prec.apply_precision(model, "fp8-te", recipe)
-    assert len(te_linears(model)) == len(precision.converted) > 0
+    assert len(precision.converted) > 0
     apply_activation_checkpointing(model, mode, 2, precision.checkpoint_function() if use_te_checkpoint else None)
     for _ in range(2):
         model.zero_grad(set_to_none=True)
@@ -248,3 +249,47 @@ def test_amax_is_reduced_over_the_data_parallel_ranks(tmp_path):
         torch.testing.assert_close(ranks[0]["True"][name], ranks[1]["True"][name], rtol=0, atol=0, msg=name)
     # the shared scale is the larger amax's: the smaller of the two ranks' own scales
     assert torch.equal(ranks[0]["True"][key], torch.minimum(ranks[0]["False"][key], ranks[1]["False"][key]))
+
+
+# ---- the same with Transformer Engine itself ----
+
+GPU_MODEL = ["model.hidden_size=128", "model.num_heads=2", "data.resolution=16"]  # 16 tokens/frame, dims % 16 == 0
+
+
+@pytest.fixture
+def real_te(monkeypatch):
+    pytest.importorskip("transformer_engine.pytorch")
+    if torch.cuda.get_device_capability() < prec.FP8_MIN_CAPABILITY:
+        pytest.skip("FP8 needs sm_89+")
+    monkeypatch.setattr(prec, "FP8_MIN_INTENSITY", 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["delayed", "current"])
+@pytest.mark.parametrize("mode", [m for m in CHECKPOINTING_MODES if m != "none"])
+def test_gpu_te_checkpointing_gives_the_gradients_of_no_checkpointing(real_te, mode, recipe):
+    expected = fp8_gradients("none", recipe, device="cuda", overrides=GPU_MODEL)
+    actual = fp8_gradients(mode, recipe, device="cuda", overrides=GPU_MODEL)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_te_scaling_state_round_trip(real_te):
+    config = build_config("tiny-t2v", TINY + GPU_MODEL)
+    outputs, states = [], []
+    for restore in (False, True):
+        model, batch = model_batch(config, "cuda")
+        precision = prec.apply_precision(model, "fp8-te", "delayed")
+        if restore:
+            prec.load_fp8_scaling_state(model, states[0], precision.te_recipe)
+        else:
+            for _ in range(2):
+                with precision.autocast():
+                    model(**batch).float().square().mean().backward()
+            states.append(prec.fp8_scaling_state(model))
+        with torch.no_grad(), precision.autocast():
+            outputs.append(model(**batch))
+    assert states[0] and all(not torch.equal(v, torch.ones_like(v)) for k, v in states[0].items() if "fwd.scale" in k)
+    # the same weights (the first model's updates were not applied: no optimizer) and the same scales
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
