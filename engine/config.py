@@ -436,8 +436,8 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"train.fp8_emulate: only torchao emulates float8; needs train.precision=fp8-ao, got "
                           f"{train.precision}")
     if train.precision == "fp8-ao" and not train.compile and not train.fp8_emulate:
-        # Measured by torchao (README, H100): eager Float8Linear's separate amax and cast kernels cost more than the
-        # FP8 GEMM saves, so fp8-ao without compile is slower than bf16 (docs/precision.md).
+        # torchao's float8 training is built on torch.compile, which fuses its amax and cast passes; eagerly they are
+        # separate memory passes the FP8 GEMM does not repay (torchao docs; docs/precision.md).
         raise ConfigError("train.precision=fp8-ao needs train.compile=true: eager torchao float8 is slower than bf16 "
                           "(its amax and cast kernels only fuse under torch.compile); set train.compile=true or "
                           "train.precision=bf16")

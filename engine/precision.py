@@ -246,9 +246,10 @@ def pass_first_microbatch(linear: nn.Module, precision: Precision) -> None:
 
 
 def te_checkpoint(te) -> Callable:
-    """TE's activation checkpoint, non-reentrant: its recompute re-enters fp8_autocast with the forward's recipe,
-    group and (delayed scaling) scales, so recomputed activations equal the forward's."""
-    checkpoint = te.distributed.checkpoint
+    """TE's activation checkpoint (te.checkpoint = te.distributed.checkpoint), non-reentrant: its recompute re-enters
+    the FP8 context with the forward's recipe, group and (delayed scaling) scales, so recomputed activations equal the
+    forward's."""
+    checkpoint = te.checkpoint
     return lambda function, *args, **kwargs: checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 

@@ -272,6 +272,7 @@ def build_modules(with_new_autocast: bool = False) -> dict[str, types.ModuleType
         setattr(recipe, cls.__name__, cls)
     te = types.ModuleType("transformer_engine.pytorch")
     te.Linear, te.fp8_autocast, te.distributed, te.STATE = Linear, fp8_autocast, _Distributed("distributed"), STATE
+    te.checkpoint = te.distributed.checkpoint  # TE exports it at the top level too
     if with_new_autocast:
         te.autocast = lambda enabled=True, calibrating=False, recipe=None, amax_reduction_group=None, _graph=False: \
             _fp8_region(enabled, recipe, amax_reduction_group)
