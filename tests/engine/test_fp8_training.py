@@ -34,6 +34,7 @@ def te(monkeypatch):
     """The stand-in installed, FP8 allowed on CPU, and every shape-legal block linear converted (tiny models are far
     below the rule's pays-off threshold, which is tested in test_precision.py)."""
     monkeypatch.setattr(prec, "check_fp8_device", lambda device, precision, recipe: None)
+    monkeypatch.setattr(train_module, "check_environment", lambda config, device: None)  # its CPU check, likewise
     monkeypatch.setattr(prec, "FP8_MIN_INTENSITY", 0)
     return fake_te.install(monkeypatch)
 
@@ -136,8 +137,8 @@ def test_weights_cast_once_per_optimizer_step_with_accumulation(te, tmp_path, mo
     built = {}
     real_build = train_module.build_training_model
 
-    def build_and_keep(config, device):
-        built["model"], ema, precision = real_build(config, device)
+    def build_and_keep(config, device, **kwargs):
+        built["model"], ema, precision = real_build(config, device, **kwargs)
         return built["model"], ema, precision
 
     monkeypatch.setattr(train_module, "build_training_model", build_and_keep)
@@ -155,7 +156,7 @@ def run_config(extra=()):
 def uninterrupted(te, tmp_path):
     run_dir = tmp_path / "uninterrupted"
     train_module.train(run_config(), run_dir)
-    return {r["step"]: r["loss"] for r in records(run_dir)}, run_dir
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}, run_dir
 
 
 def interrupted_then_resumed(tmp_path, monkeypatch, stop_after_step: int = 3) -> dict[int, float]:
@@ -175,7 +176,7 @@ def interrupted_then_resumed(tmp_path, monkeypatch, stop_after_step: int = 3) ->
     assert state.stopped_by == "SIGINT" and state.step == stop_after_step
     fake_te.reset()  # a new process: no FP8 state survives but what the checkpoint holds
     train_module.train(run_config(), run_dir, resume=latest_checkpoint(run_dir))
-    return {r["step"]: r["loss"] for r in records(run_dir)}
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
 def test_fp8_state_is_saved_as_tensors(uninterrupted):

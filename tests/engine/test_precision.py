@@ -403,3 +403,14 @@ def test_planner_shows_the_fp8_rule_and_counts_te_copies():
     tiny = predict_memory(build_config("synthetic-proof", ["train.precision=fp8-te"]))
     assert "block linears stay bf16" in tiny.format()
     assert tiny.peak_bytes == predict_memory(build_config("synthetic-proof", ["train.precision=bf16"])).peak_bytes
+
+
+def test_emulated_fp8_passes_the_preflight_on_cpu():
+    from ristretto.engine.config import ConfigError, build_config
+    from ristretto.engine.preflight import check_environment
+
+    check_environment(build_config("tiny-t2v", ["train.precision=fp8-ao", "train.fp8_emulate=true"]),
+                      torch.device("cpu"))
+    with pytest.raises(ConfigError, match="FP8 training needs an Ada/Hopper"):
+        check_environment(build_config("tiny-t2v", ["train.precision=fp8-ao", "train.compile=true"]),
+                          torch.device("cpu"))
