@@ -18,7 +18,7 @@ from ristretto.engine import precision as prec
 from ristretto.engine import train as train_module
 from ristretto.engine.build import build_plain_model
 from ristretto.engine.checkpoint import latest_checkpoint, load_training_state, verify_checkpoint
-from ristretto.engine.checkpointing import CHECKPOINTING_MODES, apply_activation_checkpointing
+from ristretto.engine.checkpointing import AUTO, BLOCK_CHOICES, CHECKPOINTING_MODES, apply_activation_checkpointing
 from ristretto.engine.config import build_config
 from ristretto.engine.diffusion import Diffusion
 
@@ -66,7 +66,9 @@ def fp8_gradients(mode: str, recipe: str, use_te_checkpoint: bool = True, device
     model, batch = model_batch(config, device)
     precision = prec.apply_precision(model, "fp8-te", recipe)
     assert len(precision.converted) > 0
-    apply_activation_checkpointing(model, mode, 2, precision.checkpoint_function() if use_te_checkpoint else None)
+    choices = [BLOCK_CHOICES[i % len(BLOCK_CHOICES)] for i in range(len(model.blocks))] if mode == AUTO else None
+    apply_activation_checkpointing(model, mode, 2, choices,
+                                   checkpoint_fn=precision.checkpoint_function() if use_te_checkpoint else None)
     for _ in range(2):
         model.zero_grad(set_to_none=True)
         with precision.autocast():
@@ -76,7 +78,7 @@ def fp8_gradients(mode: str, recipe: str, use_te_checkpoint: bool = True, device
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
-@pytest.mark.parametrize("mode", [m for m in CHECKPOINTING_MODES if m != "none"])
+@pytest.mark.parametrize("mode", [m for m in (*CHECKPOINTING_MODES, AUTO) if m != "none"])
 def test_fp8_te_checkpointing_gives_the_gradients_of_no_checkpointing(te, mode, recipe):
     expected = fp8_gradients("none", recipe)
     calls_before = te.distributed.calls
@@ -110,7 +112,7 @@ def test_sampling_under_no_grad_skips_recompute(te):
     config = build_config("tiny-t2v", TINY)
     model, batch = model_batch(config)
     precision = prec.apply_precision(model, "fp8-te", "delayed")
-    apply_activation_checkpointing(model, "full", 2, precision.checkpoint_function())
+    apply_activation_checkpointing(model, "full", 2, checkpoint_fn=precision.checkpoint_function())
     with torch.no_grad(), precision.autocast():
         model(**batch)
     assert te.distributed.calls == 0
@@ -267,7 +269,7 @@ def real_te(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
-@pytest.mark.parametrize("mode", [m for m in CHECKPOINTING_MODES if m != "none"])
+@pytest.mark.parametrize("mode", [m for m in (*CHECKPOINTING_MODES, AUTO) if m != "none"])
 def test_gpu_te_checkpointing_gives_the_gradients_of_no_checkpointing(real_te, mode, recipe):
     expected = fp8_gradients("none", recipe, device="cuda", overrides=GPU_MODEL)
     actual = fp8_gradients(mode, recipe, device="cuda", overrides=GPU_MODEL)
