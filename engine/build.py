@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from ristretto.kernels.attention import attention_backend
+from ristretto.model.attention import TemporalAttentionFn, attention_in_spatial_layout, attention_over_frames
 from ristretto.kernels.registry import kernel_set
 from ristretto.model.latte import Latte, latte_from_config
 
 from .checkpointing import apply_activation_checkpointing
 from .ema import EMA
-from .precision import Precision, apply_precision
+from .precision import Precision, apply_precision, gemm_rows
 from .pretrained import apply_freeze, initialise_from_pretrained
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,28 @@ def apply_kernels(model: nn.Module, name: str) -> None:
             module.kernels = kernels
 
 
-def apply_attention_backend(model: nn.Module, name: str) -> None:
-    """Point every attention module at the chosen backend's attention function."""
+def temporal_attention_backend(name: str, attention_fn) -> TemporalAttentionFn:
+    """model.temporal_attention: the Triton kernel (reads q, k, v and writes its output in the spatial layout) or
+    `attention_fn` on frame sequences (q, k, v copied in, the projected output copied back)."""
+    if name == "triton":
+        from ristretto.kernels.temporal_attention import temporal_attention  # noqa: PLC0415 - Triton on demand
+
+        return attention_in_spatial_layout(temporal_attention)
+    if name == "attention_backend":
+        return attention_over_frames(attention_fn)
+    raise ValueError(f"model.temporal_attention: unknown {name!r}; expected 'attention_backend' or 'triton'")
+
+
+def apply_attention_backend(model: nn.Module, name: str, temporal: str = "attention_backend") -> None:
+    """Point every attention module at the chosen backend's attention function, and temporal attention modules at
+    the chosen temporal attention."""
     attention_fn = attention_backend(name)
+    temporal_fn = temporal_attention_backend(temporal, attention_fn)
     for module in model.modules():
         if hasattr(module, "attention_fn"):
             module.attention_fn = attention_fn
+        if hasattr(module, "temporal_attention_fn"):
+            module.temporal_attention_fn = temporal_fn
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,8 +72,15 @@ def build_plain_model(config) -> Latte:
     _, sample_size = latent_geometry(config)
     model = latte_from_config(config.model, config.data.frames, sample_size)
     apply_kernels(model, config.model.kernels)
-    apply_attention_backend(model, config.model.attention_backend)
+    apply_attention_backend(model, config.model.attention_backend, config.model.temporal_attention)
     return model
+
+
+def fp8_gemm_rows(config):
+    """GEMM rows of each block linear per micro-batch (precision.gemm_rows), for the FP8 rule's pays-off part."""
+    _, size = latent_geometry(config)
+    tokens = config.data.frames * (size // config.model.patch_size) ** 2
+    return gemm_rows(config.train.batch_size, tokens, config.model.caption_length)
 
 
 def apply_residual_dtype(model: nn.Module, name: str, precision: str) -> None:
@@ -74,7 +98,8 @@ def build_training_model(config, device: torch.device,
     model = model.to(device)
     train = config.train
     ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
-    precision = apply_precision(model, train.precision, train.fp8_recipe)
+    precision = apply_precision(model, train.precision, train.fp8_recipe, emulate=train.fp8_emulate,
+                                rows=fp8_gemm_rows(config))
     apply_residual_dtype(model, train.residual_dtype, train.precision)
     apply_freeze(model, config.model.freeze)  # after the converters, which may replace parameters
     choices = None
@@ -86,7 +111,8 @@ def build_training_model(config, device: torch.device,
         if not predict_memory(config, device.type, choices=choices).fits(budget):
             log.warning("checkpointing auto: even recomputing every block is planned above train.memory_budget_gb="
                         "%.2f; lower train.batch_size, data.frames or data.resolution", budget / 2**30)
-    wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every, choices)
+    wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every, choices,
+                                             precision.checkpoint_function())
     if wrapped:
         log.info("activation checkpointing %s: %d modules recompute in backward", train.checkpointing, wrapped)
     if train.compile:

@@ -51,6 +51,10 @@ class ModelConfig:
     lets small models turn caption words into layout and motion (docs/proof.md)."""
     attention_backend: str = "sdpa"
     """sdpa | sdpa-flash | sdpa-cudnn | sdpa-efficient | sdpa-math | fa4 | fa3 | fa2 | xformers."""
+    temporal_attention: str = "attention_backend"
+    """Attention across frames: "attention_backend" (model.attention_backend on q, k, v copied into [B*S, F] frame
+    sequences) or "triton" (kernels/temporal_attention.py: reads them in place, no copies). The default stays
+    attention_backend until the Triton kernel is measured faster on a GPU (bench/attention.py)."""
     kernels: str = "torch"
     """Fused ops: "triton" (Triton kernels) or "torch" (the pure-torch reference)."""
     vae: str = "identity"
@@ -162,6 +166,10 @@ class TrainConfig:
     """fp32 | bf16 | fp8-te | fp8-ao."""
     fp8_recipe: str = "default"
     """FP8 scaling recipe: default (delayed for TE, tensorwise for torchao) | delayed | current | mxfp8 | block | tensorwise | rowwise."""
+    fp8_emulate: bool = False
+    """fp8-ao only: torchao's emulated float8 (Float8LinearConfig(emulate=True)), which runs on CPU. For numerics checks
+    (docs/precision.md's loss parity): no speed-up, and it converts every linear the FP8 shape rule allows, ignoring
+    the rule's pays-off threshold (there is no FP8 GEMM to pay for)."""
     checkpointing: str = "none"
     """Activation checkpointing: none | full | every-k | selective-mlp | selective-attention | auto (the planner
     picks per block what to recompute - nothing, the MLP, the attention or the whole block - so the plan fits
@@ -248,6 +256,7 @@ CHOICES = {
     "model.attention_backend": ("sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "fa4", "fa3", "fa2",
                                 "xformers"),
     "model.kernels": ("torch", "triton"),
+    "model.temporal_attention": ("attention_backend", "triton"),
     "model.patch_size": (1, 2, 4, 8),
     "model.freeze": ("none", "spatial"),
     "data.kind": ("synthetic", "captioned", "class_folders", "cached"),
@@ -449,6 +458,15 @@ def validate(config: RunConfig) -> RunConfig:
     if train.precision == "fp8-te" and train.fp8_recipe in ("default", "delayed") and train.compile:
         raise ConfigError("train.compile: Transformer Engine's delayed-scaling FP8 recipe does not run under "
                           "torch.compile; use train.fp8_recipe=current, or train.compile=false")
+    if train.fp8_emulate and train.precision != "fp8-ao":
+        raise ConfigError(f"train.fp8_emulate: only torchao emulates float8; needs train.precision=fp8-ao, got "
+                          f"{train.precision}")
+    if train.precision == "fp8-ao" and not train.compile and not train.fp8_emulate:
+        # torchao's float8 training is built on torch.compile, which fuses its amax and cast passes; eagerly they are
+        # separate memory passes the FP8 GEMM does not repay (torchao docs; docs/precision.md).
+        raise ConfigError("train.precision=fp8-ao needs train.compile=true: eager torchao float8 is slower than bf16 "
+                          "(its amax and cast kernels only fuse under torch.compile); set train.compile=true or "
+                          "train.precision=bf16")
     if not 0.0 <= config.diffusion.high_noise_bias <= 1.0:
         raise ConfigError(f"diffusion.high_noise_bias: expected a probability in [0, 1], got "
                           f"{config.diffusion.high_noise_bias}")
@@ -459,6 +477,9 @@ def validate(config: RunConfig) -> RunConfig:
                           f"with the final layer starting at zero, would leave nothing to learn)")
     if data.num_images < 0:
         raise ConfigError(f"data.num_images: must be >= 0, got {data.num_images}")
+    if model.temporal_attention == "triton" and data.frames > 64:  # kernels/temporal_attention.MAX_FRAMES
+        raise ConfigError(f"model.temporal_attention: the Triton kernel attends over at most 64 frames, got "
+                          f"data.frames={data.frames}; use model.temporal_attention=attention_backend")
     validate_numbers(config)
     return config
 

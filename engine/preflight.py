@@ -27,7 +27,7 @@ def check_environment(config, device: torch.device) -> None:
         log.warning("test hook: pausing set-up for %s s", os.environ[SETUP_DELAY_ENV])
         time.sleep(float(os.environ[SETUP_DELAY_ENV]))
     precision, kernels = config.train.precision, config.model.kernels
-    if precision in FP8_BACKENDS:
+    if precision in FP8_BACKENDS and not config.train.fp8_emulate:  # torchao's emulation runs on any device
         if device.type != "cuda":
             raise ConfigError(f"train.precision={precision}: FP8 training needs an Ada/Hopper or newer CUDA GPU; this "
                               f"run is on {device.type}: use train.precision=bf16 or fp32")
@@ -43,6 +43,10 @@ def check_environment(config, device: torch.device) -> None:
     if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"model.kernels=triton: the Triton kernels need a CUDA GPU and this run is on "
                           f"{device.type}; use model.kernels=torch (the same ops in PyTorch)")
+    temporal = config.model.temporal_attention
+    if temporal == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"model.temporal_attention=triton: the Triton kernel needs a CUDA GPU and this run is on "
+                          f"{device.type}; use model.temporal_attention=attention_backend")
     if config.train.compile and device.type == "cuda" and importlib.util.find_spec("triton") is None:
         raise ConfigError("train.compile=true needs the triton package on a GPU: pip install triton")
 
