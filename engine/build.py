@@ -61,7 +61,8 @@ def build_training_model(config, device: torch.device) -> tuple[nn.Module, EMA |
     """Model on `device` with every seam applied, its EMA (None when train.ema_decay = 0) and the precision plan."""
     model = build_plain_model(config).to(device)
     train = config.train
-    ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
+    ema = (EMA(model, train.ema_decay, train.ema_warmup, every=train.ema_every,
+               device="cpu" if train.ema_on_cpu else None) if train.ema_decay > 0 else None)
     precision = apply_precision(model, train.precision, train.fp8_recipe)
     wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every)
     if wrapped:

@@ -145,6 +145,11 @@ class TrainConfig:
     """EMA decay per optimizer step (0 = no EMA: samples use the live weights)."""
     ema_warmup: bool = True
     """Use decay min(ema_decay, (1 + step) / (10 + step)) so early EMA follows the model."""
+    ema_every: int = 1
+    """Update the EMA every this many optimizer steps, with the decay raised to this power (same horizon, less work)."""
+    ema_on_cpu: bool = False
+    """Keep the EMA weights in host memory (frees one model's worth of GPU memory; each update copies the weights to
+    the host and waits for them, so pair it with ema_every > 1). Not with dist.strategy=fsdp."""
     cfg_dropout: float = 0.1
     """Per-sample probability of replacing the caption (or class) by the null one, for classifier-free guidance."""
     precision: str = "fp32"
@@ -420,6 +425,10 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"train.cfg_dropout: expected a probability in [0, 1), got {train.cfg_dropout}")
     if not 0.0 <= train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: expected a value in [0, 1), got {train.ema_decay}")
+    if train.ema_every < 1:
+        raise ConfigError(f"train.ema_every: must be >= 1, got {train.ema_every}")
+    if train.ema_on_cpu and config.dist.strategy == "fsdp":
+        raise ConfigError("train.ema_on_cpu: not with dist.strategy=fsdp (the EMA is sharded like the model there)")
     if config.diffusion.rescale_zero_snr and config.diffusion.prediction != "v_prediction":
         raise ConfigError("diffusion.rescale_zero_snr: needs diffusion.prediction=v_prediction (epsilon is undefined at zero SNR)")
     if config.sample.quality_seeds and (model.kind != "t2v" or data.kind != "synthetic"):
