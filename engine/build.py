@@ -68,6 +68,13 @@ def build_training_model(config, device: torch.device) -> tuple[nn.Module, EMA |
     if wrapped:
         log.info("activation checkpointing %s: %d modules recompute in backward", train.checkpointing, wrapped)
     if train.compile:
-        for block in model.blocks:
-            block.compile()
+        compile_blocks(model)
     return model, ema, precision
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each block with static shapes. Spatial and temporal blocks share one class (one code object for
+    dynamo) but see different fixed shapes; without dynamic=False the second shape would turn the graph into a
+    dynamic-shape one, with it each shape gets its own specialised graph."""
+    for block in model.blocks:
+        block.compile(dynamic=False)
