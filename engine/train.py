@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .build import build_plain_model, build_training_model, latent_geometry
 from .checkpoint import checkpoint_dir, prune_checkpoints, rng_state, set_rng_state
 from .config import config_to_dict
-from .datasets import build_dataset, build_loader
+from .datasets import build_dataset, loader_for
 from .diffusion import Diffusion
 from .metrics import MetricsLog, truncate_metrics
 from .plan import predict_memory
@@ -370,6 +370,25 @@ def build_encoders(config, dataset, device) -> Encoders:
     return Encoders(vae, text_encoder, null)
 
 
+def input_pipeline_warnings(config, device) -> list[str]:
+    """What will make a GPU wait for its inputs, said loudly at the start of a run: encoding every clip with the VAE
+    (and captions with the text encoder) inside the step, or decoding video in the training process."""
+    if torch.device(device).type != "cuda":
+        return []
+    data, model = config.data, config.model
+    warnings = []
+    if data.kind != "cached" and model.vae != "identity":
+        warnings.append(
+            f"ENCODING LIVE: data.kind={data.kind} with model.vae={model.vae} runs the VAE"
+            f"{' and the text encoder' if model.kind == 't2v' else ''} on every batch inside the training step, which "
+            f"can take as long as the model's own step; encode once with `python -m ristretto.engine.cache` and train "
+            f"with data.kind=cached data.cache_dir=<that folder>")
+    if data.kind in ("captioned", "class_folders") and data.num_workers == 0:
+        warnings.append(f"data.num_workers=0 with data.kind={data.kind}: video is decoded in the training process "
+                        f"while the GPU waits; set data.num_workers to several per GPU")
+    return warnings
+
+
 def write_validation_samples(run_dir: Path, step: int, config, sampling_model, encoders, diffusion, precision,
                              dataset, device, metrics: MetricsLog | None = None) -> Path:
     prompts, titles = validation_prompts(config, dataset)
@@ -454,7 +473,9 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
     dataset = build_dataset(config)
     sampler = ResumableSampler(len(dataset), train_cfg.seed, rank=info.rank, world_size=info.world_size,
                                block=train_cfg.batch_size, tag_epochs=getattr(dataset, "epoch_tagged_indices", False))
-    loader = build_loader(dataset, train_cfg.batch_size, sampler, config.data.num_workers, device)
+    loader = loader_for(config, dataset, sampler, device)
+    for warning in input_pipeline_warnings(config, device):
+        log.warning(warning)
     encoders = build_encoders(config, dataset, device)
     diffusion = Diffusion(config.diffusion)
     model, ema, precision = build_training_model(config, device)
