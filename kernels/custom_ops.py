@@ -1,0 +1,196 @@
+"""The Triton row ops as registered custom ops (torch.library), so torch.compile treats each as one opaque call.
+
+An autograd.Function around a Triton launcher makes dynamo trace into the launcher (device-property queries, Python
+objects on ctx) and break the graph at every fused op. Registered here instead, with a fake (meta) implementation
+that gives output shapes and dtypes and `register_autograd` for the backward, each op is a single node in the
+compiled block's graph: inductor fuses the torch code around it and calls the kernel as is.
+
+This file wraps the launchers of `kernels/layernorm_modulate.py` and `kernels/gate_residual.py` (row_forward /
+row_backward) and saves what their autograd.Functions save; the Triton KernelSet (kernels/triton_set.py) binds these
+entry points. Every op is checked by torch.library.opcheck in tests/kernels/test_custom_ops.py.
+"""
+import torch
+from torch import Tensor
+
+from .layernorm_modulate import check_activation, check_group_vector, row_backward, row_forward
+
+LIBRARY = "ristretto"
+
+
+def _row_stats(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+
+
+def _vector_grad(groups: int, features: int, like: Tensor) -> Tensor:
+    return like.new_empty((groups, features), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------ LN + adaLN modulation
+
+@torch.library.custom_op(f"{LIBRARY}::layernorm_modulate_fwd", mutates_args=())
+def layernorm_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(LN(x) * (1 + scale) + shift, row means, row rstds)."""
+    _, normed, mean, rstd = row_forward(x, shift, scale, eps)
+    return normed, mean, rstd
+
+
+@layernorm_modulate_fwd.register_fake
+def _(x, shift, scale, eps):
+    return torch.empty_like(x), _row_stats(x), _row_stats(x)
+
+
+@torch.library.custom_op(f"{LIBRARY}::layernorm_modulate_bwd", mutates_args=())
+def layernorm_modulate_bwd(dout: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+                           shift_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dshift fp32 [shift_groups, D], dscale fp32 [M, D])."""
+    dx, dshift, dscale, _, _ = row_backward(dout, x, mean, rstd, scale, shift_groups)
+    return dx, dshift, dscale
+
+
+@layernorm_modulate_bwd.register_fake
+def _(dout, x, mean, rstd, scale, shift_groups):
+    return torch.empty_like(x), _vector_grad(shift_groups, x.shape[2], x), _vector_grad(scale.shape[0], x.shape[2], x)
+
+
+def _layernorm_modulate_setup(ctx, inputs, output):
+    x, shift, scale, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, scale)
+    ctx.shift_groups, ctx.dtypes = shift.shape[0], (shift.dtype, scale.dtype)
+
+
+def _layernorm_modulate_backward(ctx, dnormed, _dmean, _drstd):
+    x, mean, rstd, scale = ctx.saved_tensors
+    dx, dshift, dscale = layernorm_modulate_bwd(dnormed.contiguous(), x, mean, rstd, scale, ctx.shift_groups)
+    shift_dtype, scale_dtype = ctx.dtypes
+    return dx, dshift.to(shift_dtype), dscale.to(scale_dtype), None
+
+
+layernorm_modulate_fwd.register_autograd(_layernorm_modulate_backward, setup_context=_layernorm_modulate_setup)
+
+
+def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
+    """LN(x) without affine, then LN(x) * (1 + scale) + shift.   x [N, S, D], shift/scale [M, D] -> [N, S, D]."""
+    x = check_activation("x", x)
+    shift = check_group_vector("shift", shift, x.shape[0], x.shape[2])
+    scale = check_group_vector("scale", scale, x.shape[0], x.shape[2])
+    return layernorm_modulate_fwd(x, shift, scale, eps)[0]
+
+
+# ----------------------------------------------------------------------------------------- gated residual
+
+def _residual_dtype(residual: Tensor, gate: Tensor, y: Tensor) -> torch.dtype:
+    return torch.promote_types(residual.dtype, torch.promote_types(gate.dtype, y.dtype))
+
+
+@torch.library.custom_op(f"{LIBRARY}::gate_residual_fwd", mutates_args=())
+def gate_residual_fwd(residual: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """residual + gate * y."""
+    out, _, _, _ = row_forward(residual, gate=gate, y=y, normalize=False,
+                               out_dtype=_residual_dtype(residual, gate, y))
+    return out
+
+
+@gate_residual_fwd.register_fake
+def _(residual, gate, y):
+    return torch.empty_like(residual, dtype=_residual_dtype(residual, gate, y))
+
+
+@torch.library.custom_op(f"{LIBRARY}::gate_residual_bwd", mutates_args=())
+def gate_residual_bwd(dout: Tensor, gate: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(dy = gate * dout, dgate fp32 [M, D])."""
+    _, _, _, dy, dgate = row_backward(dresidual_out=dout, gate=gate, y=y, dy_dtype=y.dtype)
+    return dy, dgate
+
+
+@gate_residual_bwd.register_fake
+def _(dout, gate, y):
+    return torch.empty_like(y), _vector_grad(gate.shape[0], y.shape[2], y)
+
+
+def _gate_residual_setup(ctx, inputs, output):
+    residual, gate, y = inputs
+    ctx.save_for_backward(gate, y)
+    ctx.residual_dtype = residual.dtype
+
+
+def _gate_residual_backward(ctx, dout):
+    gate, y = ctx.saved_tensors
+    dout = dout.contiguous()
+    dy, dgate = gate_residual_bwd(dout, gate, y)
+    return dout.to(ctx.residual_dtype), dgate.to(gate.dtype), dy
+
+
+gate_residual_fwd.register_autograd(_gate_residual_backward, setup_context=_gate_residual_setup)
+
+
+def _check_residual_inputs(residual, gate, y):
+    residual = check_activation("residual", residual)
+    y = check_activation("y", y, residual.shape)
+    gate = check_group_vector("gate", gate, residual.shape[0], residual.shape[2])
+    return residual, gate, y
+
+
+def gate_residual(residual, gate, y):
+    """residual + gate * y.   residual, y [N, S, D], gate [M, D] -> [N, S, D]."""
+    return gate_residual_fwd(*_check_residual_inputs(residual, gate, y))
+
+
+# ------------------------------------------------------------------ gated residual + LN + adaLN modulation
+
+@torch.library.custom_op(f"{LIBRARY}::gate_residual_layernorm_modulate_fwd", mutates_args=())
+def gate_residual_layernorm_modulate_fwd(residual: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor,
+                                         eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out = residual + gate * y, LN(out) * (1 + scale) + shift, row means, row rstds)."""
+    return row_forward(residual, shift, scale, eps, gate=gate, y=y, out_dtype=_residual_dtype(residual, gate, y))
+
+
+@gate_residual_layernorm_modulate_fwd.register_fake
+def _(residual, gate, y, shift, scale, eps):
+    out = torch.empty_like(residual, dtype=_residual_dtype(residual, gate, y))
+    return out, torch.empty_like(out), _row_stats(residual), _row_stats(residual)
+
+
+@torch.library.custom_op(f"{LIBRARY}::gate_residual_layernorm_modulate_bwd", mutates_args=())
+def gate_residual_layernorm_modulate_bwd(dnormed: Tensor, dout: Tensor, out: Tensor, mean: Tensor, rstd: Tensor,
+                                         scale: Tensor, gate: Tensor, y: Tensor, shift_groups: int,
+                                         residual_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dresidual, dshift fp32, dscale fp32, dy, dgate fp32)."""
+    return row_backward(dnormed, out, mean, rstd, scale, shift_groups, dresidual_out=dout, gate=gate, y=y,
+                        dx_dtype=residual_dtype, dy_dtype=y.dtype)
+
+
+@gate_residual_layernorm_modulate_bwd.register_fake
+def _(dnormed, dout, out, mean, rstd, scale, gate, y, shift_groups, residual_dtype):
+    features = out.shape[2]
+    return (torch.empty_like(out, dtype=residual_dtype), _vector_grad(shift_groups, features, out),
+            _vector_grad(scale.shape[0], features, out), torch.empty_like(y), _vector_grad(gate.shape[0], features, out))
+
+
+def _fused_setup(ctx, inputs, output):
+    residual, gate, y, shift, scale, _ = inputs
+    out, _, mean, rstd = output
+    ctx.save_for_backward(out, mean, rstd, scale, gate, y)
+    ctx.shift_groups, ctx.dtypes = shift.shape[0], (residual.dtype, shift.dtype)
+
+
+def _fused_backward(ctx, dout, dnormed, _dmean, _drstd):
+    out, mean, rstd, scale, gate, y = ctx.saved_tensors
+    residual_dtype, shift_dtype = ctx.dtypes
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dnormed = torch.zeros_like(out) if dnormed is None else dnormed.contiguous()
+    dresidual, dshift, dscale, dy, dgate = gate_residual_layernorm_modulate_bwd(
+        dnormed, dout, out, mean, rstd, scale, gate, y, ctx.shift_groups, residual_dtype)
+    return dresidual, dgate.to(gate.dtype), dy, dshift.to(shift_dtype), dscale.to(scale.dtype), None
+
+
+gate_residual_layernorm_modulate_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+def gate_residual_layernorm_modulate(residual, gate, y, shift, scale, eps: float = 1e-6):
+    """(out, LN(out) * (1 + scale) + shift) with out = residual + gate * y, in one pass over the rows."""
+    residual, gate, y = _check_residual_inputs(residual, gate, y)
+    shift = check_group_vector("shift", shift, residual.shape[0], residual.shape[2])
+    scale = check_group_vector("scale", scale, residual.shape[0], residual.shape[2])
+    out, normed, _, _ = gate_residual_layernorm_modulate_fwd(residual, gate, y, shift, scale, eps)
+    return out, normed

@@ -1,0 +1,111 @@
+"""The Triton row ops as registered custom ops (kernels/custom_ops.py): equal to the torch reference in forward and
+every gradient (the kernels' rule), pass torch.library.opcheck (schema, fake tensors, autograd registration,
+AOT dispatch), and compile inside a block with fullgraph=True, i.e. without a graph break."""
+import pytest
+import torch
+
+from ristretto.kernels import custom_ops, reference
+from ristretto.kernels.testing import assert_matches_reference
+
+pytest.importorskip("triton")
+
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-3)]
+SHAPES = [(6, 7, 40, 3, 3), (3, 37, 72, 3, 1), (4, 5, 40, 2, 4)]  # (N, S, D, gate groups, shift/scale groups)
+
+
+def make_inputs(n, s, d, gate_groups, norm_groups, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    return randn(n, s, d, scale=2), randn(gate_groups, d), randn(n, s, d), randn(norm_groups, d, scale=0.5), \
+        randn(norm_groups, d, scale=0.5)
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("n,s,d,gate_groups,norm_groups", SHAPES)
+def test_custom_ops_match_reference(n, s, d, gate_groups, norm_groups, dtype, atol, device):
+    residual, gate, y, shift, scale = make_inputs(n, s, d, gate_groups, norm_groups, dtype, device)
+    assert_matches_reference(custom_ops.layernorm_modulate, reference.layernorm_modulate, (residual, shift, scale), atol)
+    assert_matches_reference(custom_ops.gate_residual, reference.gate_residual, (residual, gate, y), atol)
+    assert_matches_reference(custom_ops.gate_residual_layernorm_modulate, reference.gate_residual_layernorm_modulate,
+                             (residual, gate, y, shift, scale), atol)
+
+
+def op_cases(device):
+    residual, gate, y, shift, scale = make_inputs(4, 5, 40, 2, 4, torch.float32, device)
+    x = residual.detach()
+    _, mean, rstd = custom_ops.layernorm_modulate_fwd(x, shift.detach(), scale.detach(), 1e-6)
+    out, _, fmean, frstd = custom_ops.gate_residual_layernorm_modulate_fwd(x, gate.detach(), y.detach(),
+                                                                           shift.detach(), scale.detach(), 1e-6)
+    dout = torch.randn_like(x)
+    return {
+        "layernorm_modulate_fwd": (custom_ops.layernorm_modulate_fwd, (residual, shift, scale, 1e-6)),
+        "layernorm_modulate_bwd": (custom_ops.layernorm_modulate_bwd,
+                                   (dout, x, mean, rstd, scale.detach(), shift.shape[0])),
+        "gate_residual_fwd": (custom_ops.gate_residual_fwd, (residual, gate, y)),
+        "gate_residual_bwd": (custom_ops.gate_residual_bwd, (dout, gate.detach(), y.detach())),
+        "gate_residual_layernorm_modulate_fwd": (custom_ops.gate_residual_layernorm_modulate_fwd,
+                                                 (residual, gate, y, shift, scale, 1e-6)),
+        "gate_residual_layernorm_modulate_bwd": (custom_ops.gate_residual_layernorm_modulate_bwd,
+                                                 (dout, dout.clone(), out, fmean, frstd, scale.detach(),
+                                                  gate.detach(), y.detach(), shift.shape[0], torch.float32)),
+    }
+
+
+@pytest.mark.parametrize("name", list(op_cases("cpu")))
+def test_custom_ops_pass_opcheck(name, device):
+    op, args = op_cases(device)[name]
+    torch.library.opcheck(op, args)
+
+
+def tiny_block(kernels: str, device):
+    from ristretto.engine.build import apply_kernels, build_plain_model  # noqa: PLC0415
+    from ristretto.engine.config import build_config  # noqa: PLC0415
+
+    config = build_config("tiny-t2v", ["model.hidden_size=32", "model.num_heads=2", "model.depth=1",
+                                       "model.caption_channels=8", "model.caption_length=4"])
+    torch.manual_seed(0)
+    model = build_plain_model(config).to(device)
+    apply_kernels(model, kernels)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    return model.blocks[0]  # a spatial block: self-attention, cross-attention, MLP, the fused ops
+
+
+def block_inputs(device):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 16, 32, generator=generator).to(device).requires_grad_()
+    cond = torch.randn(2, 6 * 32, generator=generator).to(device)
+    context = torch.randn(6, 4, 32, generator=generator).to(device)
+    mask = torch.tensor([[1, 1, 0, 0]] * 6, dtype=torch.bool, device=device)
+    return x, cond, context, mask
+
+
+def compiled_equals_eager(block, backend: str, device):
+    x, cond, context, mask = block_inputs(device)
+    eager = block(x, cond, context, mask)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, dynamic=False, backend=backend)  # a graph break raises
+    out = compiled(x, cond, context, mask)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, eager_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_a_torch_kernels_block_compiles_without_graph_breaks():
+    compiled_equals_eager(tiny_block("torch", "cpu"), "inductor", torch.device("cpu"))
+
+
+def test_a_triton_kernels_block_traces_without_graph_breaks(device):
+    """The custom ops are single opaque nodes: dynamo + AOTAutograd trace the whole block (run eagerly here, so the
+    interpreter can execute the kernels; inductor on the GPU test below)."""
+    compiled_equals_eager(tiny_block("triton", device), "aot_eager", device)
+
+
+@pytest.mark.gpu
+def test_a_triton_kernels_block_compiles_with_inductor_on_cuda():
+    compiled_equals_eager(tiny_block("triton", "cuda"), "inductor", torch.device("cuda"))
