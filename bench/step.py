@@ -95,6 +95,24 @@ VARIANTS = {
 SMOKE_VARIANTS = ("eager", "diffusers")  # compile on 2 shared CPU cores takes minutes; the GPU runs them all
 
 
+def selected_variants(args, smoke: bool) -> dict[str, Variant]:
+    """--variants by name; else --kernels / --compile / --precision fp8-* pick one variant of ours plus diffusers'
+    matching one; else all variants on a GPU and SMOKE_VARIANTS on CPU."""
+    if args.variants:
+        return {name: VARIANTS[name] for name in args.variants}
+    fp8 = args.precision if args.precision.startswith("fp8") else None
+    if args.kernels is None and not args.compile and fp8 is None:
+        return {name: VARIANTS[name] for name in (SMOKE_VARIANTS if smoke else VARIANTS)}
+    kernels = args.kernels or "torch"
+    parts = [part for part in ("triton" if kernels == "triton" else "", fp8 or "", "compile" if args.compile else "")
+             if part]
+    ours = Variant("ours", kernels=kernels, compile=args.compile, precision=fp8,
+                   needs_cuda=kernels == "triton" or fp8 is not None)
+    return {"+".join(parts) or "eager": ours,
+            "diffusers+compile" if args.compile else "diffusers": VARIANTS["diffusers+compile" if args.compile
+                                                                            else "diffusers"]}
+
+
 # ------------------------------------------------------------------------------------------------------ inputs
 
 def random_inputs(config, batch: int, device, seed: int = 0):
@@ -262,9 +280,9 @@ def free_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_one(variant_name: str, config, device, steps: int, peak_tflops: float | None, warmup: int) -> dict:
+def bench_one(variant_name: str, variant: Variant, config, device, steps: int, peak_tflops: float | None,
+              warmup: int) -> dict:
     """A row: timings, throughput, peak memory and MFU of one variant, or a note saying why it did not run."""
-    variant = VARIANTS[variant_name]
     row = {"variant": variant_name}
     if variant.needs_cuda and device.type != "cuda":
         return {**row, "note": "needs CUDA"}
@@ -301,9 +319,9 @@ def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     smoke = args.smoke or device.type != "cuda"
     step_configs = [SMOKE_CONFIG] if smoke else [CONFIGS[name] for name in args.configs]
-    variants = args.variants or (list(SMOKE_VARIANTS) if smoke else list(VARIANTS))
+    variants = selected_variants(args, smoke)
     # bf16 autocast on CPU measures nothing useful (and is slow); the CPU smoke checks the plumbing in fp32
-    precision = "fp32" if device.type != "cuda" and args.precision == "bf16" else args.precision
+    precision = "fp32" if device.type != "cuda" or args.precision == "fp32" else "bf16"
     peak_tflops = bf16_peak_tflops(device)
     warmup = WARMUP_STEPS if device.type == "cuda" else 1
     rows = []
@@ -312,11 +330,11 @@ def run(args) -> dict:
             base_config = bench_config(step_config, args, precision, mode)
             base = {"config": step_config.label, "checkpointing": mode, "batch": base_config.train.batch_size}
             found = []
-            for name in variants:
-                if VARIANTS[name].impl == "diffusers" and not step_config.with_diffusers:
+            for name, variant in variants.items():
+                if variant.impl == "diffusers" and not step_config.with_diffusers:
                     continue
-                config = bench_config(step_config, args, precision, mode, VARIANTS[name])
-                found.append({**base, **bench_one(name, config, device, args.steps, peak_tflops, warmup)})
+                config = bench_config(step_config, args, precision, mode, variant)
+                found.append({**base, **bench_one(name, variant, config, device, args.steps, peak_tflops, warmup)})
             reference = next((r for r in found if r["variant"] == "diffusers" and "ms/step" in r), None)
             for row in found:
                 if reference is not None and "ms/step" in row:
@@ -324,7 +342,7 @@ def run(args) -> dict:
             rows.extend(found)
     print(format_table(rows))
     payload = {"config": {"smoke": smoke, "precision": precision, "attention": args.attention, "steps": args.steps,
-                          "warmup_steps": warmup, "bf16_peak_tflops": peak_tflops, "variants": variants,
+                          "warmup_steps": warmup, "bf16_peak_tflops": peak_tflops, "variants": list(variants),
                           "timed": "engine.train.train_step (micro-steps, loss, backward, clip, AdamW, EMA)",
                           "timer": "wall clock over consecutive steps, synchronised at both ends",
                           "configs": [c.__dict__ for c in step_configs]},
@@ -349,8 +367,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", type=lambda s: s.split(","), default=["none"],
                         help="comma-separated train.checkpointing modes (diffusers: any mode but none = its own)")
     parser.add_argument("--attention", default="sdpa", help="model.attention_backend for our model")
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"],
-                        help="the runs' precision (fp8-ao+compile rows use fp8-ao)")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp8-ao", "fp8-te"],
+                        help="the runs' precision (bf16 on a GPU, fp32 on CPU); fp8-* selects one FP8 variant of ours")
+    parser.add_argument("--kernels", default=None, choices=["torch", "triton"],
+                        help="without --variants: only our variant with these kernels (+ diffusers)")
+    parser.add_argument("--compile", action="store_true",
+                        help="without --variants: only the compiled variants (ours as chosen, diffusers+compile)")
     parser.add_argument("--batch", type=int, default=0, help="micro-batch (default: per config)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
     parser.add_argument("--smoke", action="store_true", help="the tiny CPU config (always on without a GPU)")

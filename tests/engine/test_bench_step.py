@@ -70,6 +70,23 @@ def test_step_options_reach_our_model():
         step_bench.parse_args(["--variants", "nope"])
 
 
+@pytest.mark.parametrize("argv, expected", [
+    ([], list(step_bench.VARIANTS)),
+    (["--variants", "compile,diffusers"], ["compile", "diffusers"]),
+    (["--kernels", "triton"], ["triton", "diffusers"]),
+    (["--compile"], ["compile", "diffusers+compile"]),
+    (["--compile", "--precision", "fp8-ao"], ["fp8-ao+compile", "diffusers+compile"]),
+    (["--kernels", "triton", "--compile"], ["triton+compile", "diffusers+compile"]),
+])
+def test_variant_selection(argv, expected):
+    chosen = step_bench.selected_variants(step_bench.parse_args(argv), smoke=False)
+    assert list(chosen) == expected
+    for name, variant in chosen.items():
+        if name in step_bench.VARIANTS:
+            assert variant == step_bench.VARIANTS[name]
+    assert list(step_bench.selected_variants(step_bench.parse_args([]), smoke=True)) == ["eager", "diffusers"]
+
+
 def test_memory_smoke_matches_planner(tmp_path, capsys):
     payload = memory_bench.main(["--out", str(tmp_path), "--modes", "none,full,selective-mlp"])
     written = json.loads((tmp_path / "memory_cpu.json").read_text())
