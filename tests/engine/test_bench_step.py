@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from ristretto.bench import loader as loader_bench
 from ristretto.bench import memory as memory_bench
 from ristretto.bench import step as step_bench
 
@@ -118,3 +119,15 @@ def test_measured_largest_batch_walks_to_the_boundary(monkeypatch, start):
     assert memory_bench.measured_largest_batch(None, start) == (7 if start - 7 <= memory_bench.MAX_PROBES else None)
     monkeypatch.setattr(memory_bench, "runs", lambda steps, batch: False)
     assert memory_bench.measured_largest_batch(None, 3) is None
+
+
+def test_loader_smoke_reports_clips_per_second_against_the_steps_consumption(tmp_path, capsys):
+    step_json = tmp_path / "step_cpu.json"
+    step_json.write_text(json.dumps({"rows": [{"samples/s": 1e-3}, {"samples/s": 2e-3}, {"note": "needs CUDA"}]}))
+    payload = loader_bench.main(["--set", "data.synthetic_size=16", "--set", "train.batch_size=2", "--workers", "0,1",
+                                 "--batches", "2", "--step-json", str(step_json), "--out", str(tmp_path)])
+    assert [row["workers"] for row in payload["rows"]] == [0, 1]
+    for row in payload["rows"]:
+        assert row["clips/s"] > 0 and row["step consumes/s"] == 2e-3 and row["keeps up"]
+    assert json.loads((tmp_path / "loader_cpu.json").read_text())["rows"] == payload["rows"]
+    assert "clips/s" in capsys.readouterr().out
