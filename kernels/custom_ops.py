@@ -6,13 +6,15 @@ that gives output shapes and dtypes and `register_autograd` for the backward, ea
 compiled block's graph: inductor fuses the torch code around it and calls the kernel as is.
 
 This file wraps the launchers of `kernels/layernorm_modulate.py` and `kernels/gate_residual.py` (row_forward /
-row_backward) and saves what their autograd.Functions save; the Triton KernelSet (kernels/triton_set.py) binds these
+row_backward) and of `kernels/patch_embed.py`, and saves what their autograd.Functions save; the Triton KernelSet (kernels/triton_set.py) binds these
 entry points. Every op is checked by torch.library.opcheck in tests/kernels/test_custom_ops.py.
 """
 import torch
 from torch import Tensor
 
 from .layernorm_modulate import check_activation, check_group_vector, row_backward, row_forward
+from .patch_embed import (_check_pos_embed, _Geometry, patch_embed_backward_input, patch_embed_backward_weight,
+                          patch_embed_forward)
 
 LIBRARY = "ristretto"
 
@@ -194,3 +196,79 @@ def gate_residual_layernorm_modulate(residual, gate, y, shift, scale, eps: float
     scale = check_group_vector("scale", scale, residual.shape[0], residual.shape[2])
     out, normed, _, _ = gate_residual_layernorm_modulate_fwd(residual, gate, y, shift, scale, eps)
     return out, normed
+
+
+# ------------------------------------------------------------------------------------------------ patch embed
+
+@torch.library.custom_op(f"{LIBRARY}::patch_embed_fwd", mutates_args=())
+def patch_embed_fwd(x: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor | None, patch: int) -> Tensor:
+    """tokens [N, T, D] of x [N, C, H, W] (read through its strides), weight [D, C, p, p], pos_embed [T, D]."""
+    geometry = _Geometry(x, weight, patch)
+    weight_2d = weight.reshape(geometry.features, geometry.k).contiguous()
+    return patch_embed_forward(x, weight_2d, bias.contiguous(), pos_embed, geometry)
+
+
+@patch_embed_fwd.register_fake
+def _(x, weight, bias, pos_embed, patch):
+    n, _, h, w = x.shape
+    return x.new_empty((n, (h // patch) * (w // patch), weight.shape[0]))
+
+
+@torch.library.custom_op(f"{LIBRARY}::patch_embed_bwd_input", mutates_args=())
+def patch_embed_bwd_input(dout: Tensor, x: Tensor, weight: Tensor, patch: int) -> Tensor:
+    """dx [N, C, H, W] (contiguous, dout's dtype)."""
+    geometry = _Geometry(x, weight, patch)
+    return patch_embed_backward_input(dout, weight.reshape(geometry.features, geometry.k).contiguous(), x.shape,
+                                      geometry)
+
+
+@patch_embed_bwd_input.register_fake
+def _(dout, x, weight, patch):
+    return dout.new_empty(x.shape)
+
+
+@torch.library.custom_op(f"{LIBRARY}::patch_embed_bwd_weight", mutates_args=())
+def patch_embed_bwd_weight(dout: Tensor, x: Tensor, weight: Tensor, patch: int) -> tuple[Tensor, Tensor]:
+    """(dweight fp32 [D, C*p*p], dbias fp32 [D])."""
+    return patch_embed_backward_weight(dout, x, _Geometry(x, weight, patch))
+
+
+@patch_embed_bwd_weight.register_fake
+def _(dout, x, weight, patch):
+    features = weight.shape[0]
+    return dout.new_empty((features, weight[0].numel()), dtype=torch.float32), \
+        dout.new_empty((features,), dtype=torch.float32)
+
+
+def _patch_embed_setup(ctx, inputs, output):
+    x, weight, bias, pos_embed, patch = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.patch, ctx.bias_dtype = patch, bias.dtype
+    ctx.pos_like = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
+
+
+def _patch_embed_backward(ctx, dout):
+    x, weight = ctx.saved_tensors
+    dout = dout.contiguous().to(x.dtype)
+    dx = dweight = dbias = dpos = None
+    if ctx.needs_input_grad[0]:
+        dx = patch_embed_bwd_input(dout, x, weight, ctx.patch)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dweight, dbias = patch_embed_bwd_weight(dout, x, weight, ctx.patch)
+        dweight, dbias = dweight.reshape(weight.shape).to(weight.dtype), dbias.to(ctx.bias_dtype)
+    if ctx.needs_input_grad[3]:  # a trainable position table: the plain torch sum over frames
+        pos_shape, pos_dtype = ctx.pos_like
+        dpos = dout.float().sum(0).reshape(pos_shape).to(pos_dtype)
+    return dx, dweight, dbias, dpos, None
+
+
+patch_embed_fwd.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup)
+
+
+def patch_embed(x, weight, bias, pos_embed, patch: int):
+    """Conv2d(kernel=stride=patch) + bias + position table.   x [N, C, H, W] -> tokens [N, (H/p)*(W/p), D]."""
+    geometry = _Geometry(x, weight, patch)  # raises on a wrong shape, naming it
+    if bias.shape != (geometry.features,):
+        raise ValueError(f"bias: expected shape [{geometry.features}], got {tuple(bias.shape)}")
+    return patch_embed_fwd(x, weight, bias, _check_pos_embed(pos_embed, geometry) if pos_embed is not None else None,
+                           patch)

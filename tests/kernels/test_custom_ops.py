@@ -54,10 +54,40 @@ def op_cases(device):
     }
 
 
-@pytest.mark.parametrize("name", list(op_cases("cpu")))
+def patch_cases(device):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 10, generator=gen).to(device).requires_grad_()
+    weight = (torch.randn(24, 4, 2, 2, generator=gen) * 0.3).to(device).requires_grad_()
+    bias = torch.randn(24, generator=gen).to(device).requires_grad_()
+    pos = torch.randn(15, 24, generator=gen).to(device)
+    dout = torch.randn(2, 15, 24, generator=gen).to(device)
+    return {
+        "patch_embed_fwd": (custom_ops.patch_embed_fwd, (x, weight, bias, pos, 2)),
+        "patch_embed_fwd_no_pos": (custom_ops.patch_embed_fwd, (x, weight, bias, None, 2)),
+        "patch_embed_bwd_input": (custom_ops.patch_embed_bwd_input, (dout, x.detach(), weight.detach(), 2)),
+        "patch_embed_bwd_weight": (custom_ops.patch_embed_bwd_weight, (dout, x.detach(), weight.detach(), 2)),
+    }
+
+
+@pytest.mark.parametrize("name", list(op_cases("cpu")) + list(patch_cases("cpu")))
 def test_custom_ops_pass_opcheck(name, device):
-    op, args = op_cases(device)[name]
+    op, args = {**op_cases(device), **patch_cases(device)}[name]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+def test_patch_embed_op_matches_reference(dtype, atol, device):
+    gen = torch.Generator().manual_seed(3)
+
+    def randn(*shape, scale=1.0, grad=True):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    x, weight, bias = randn(3, 4, 6, 10), randn(72, 4, 2, 2, scale=0.25), randn(72, scale=0.1)
+    pos = randn(15, 72, grad=False)
+    assert_matches_reference(lambda *t: custom_ops.patch_embed(*t, pos, 2),
+                             lambda *t: reference.patch_embed(*t, pos, 2), (x, weight, bias), atol)
+    with pytest.raises(ValueError, match="bias"):
+        custom_ops.patch_embed(x, weight, bias[:3], pos, 2)
 
 
 def tiny_block(kernels: str, device):
