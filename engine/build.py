@@ -72,9 +72,14 @@ def build_training_model(config, device: torch.device) -> tuple[nn.Module, EMA |
     return model, ema, precision
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each block with static shapes. Spatial and temporal blocks share one class (one code object for
-    dynamo) but see different fixed shapes; without dynamic=False the second shape would turn the graph into a
-    dynamic-shape one, with it each shape gets its own specialised graph."""
+def compile_blocks(model: nn.Module, **options) -> None:
+    """torch.compile each block with static shapes (`options` go to torch.compile, e.g. fullgraph=True in tests).
+    Spatial and temporal blocks share one class (one code object for dynamo) but see different fixed shapes; without
+    dynamic=False the second shape would turn the graph into a dynamic-shape one, with it each shape gets its own
+    specialised graph."""
+    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        # Memory-lean autograd.Functions recompute their elementwise work in backward through torch.autograd.grad;
+        # dynamo traces that (instead of breaking the graph) only with this on.
+        torch._dynamo.config.trace_autograd_ops = True
     for block in model.blocks:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, **options)

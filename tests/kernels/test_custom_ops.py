@@ -90,7 +90,7 @@ def test_patch_embed_op_matches_reference(dtype, atol, device):
         custom_ops.patch_embed(x, weight, bias[:3], pos, 2)
 
 
-def tiny_block(kernels: str, device):
+def tiny_model(kernels: str, device):
     from ristretto.engine.build import apply_kernels, build_plain_model  # noqa: PLC0415
     from ristretto.engine.config import build_config  # noqa: PLC0415
 
@@ -102,7 +102,7 @@ def tiny_block(kernels: str, device):
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0, 0.2)
-    return model.blocks[0]  # a spatial block: self-attention, cross-attention, MLP, the fused ops
+    return model  # blocks[0] is a spatial block: self-attention, cross-attention, MLP, the fused ops
 
 
 def block_inputs(device):
@@ -114,28 +114,32 @@ def block_inputs(device):
     return x, cond, context, mask
 
 
-def compiled_equals_eager(block, backend: str, device):
+def compiled_equals_eager(model, backend: str, device):
+    """A block compiled as train.compile=true compiles it (engine/build.compile_blocks), with fullgraph=True so that a
+    graph break raises, equals the eager block in output and input gradient."""
+    from ristretto.engine.build import compile_blocks  # noqa: PLC0415
+
     x, cond, context, mask = block_inputs(device)
-    eager = block(x, cond, context, mask)
+    eager = model.blocks[0](x, cond, context, mask)
     (eager_grad,) = torch.autograd.grad(eager.sum(), x)
     torch._dynamo.reset()
-    compiled = torch.compile(block, fullgraph=True, dynamic=False, backend=backend)  # a graph break raises
-    out = compiled(x, cond, context, mask)
+    compile_blocks(model, fullgraph=True, backend=backend)
+    out = model.blocks[0](x, cond, context, mask)
     (grad,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, eager_grad, atol=1e-5, rtol=1e-5)
 
 
 def test_a_torch_kernels_block_compiles_without_graph_breaks():
-    compiled_equals_eager(tiny_block("torch", "cpu"), "inductor", torch.device("cpu"))
+    compiled_equals_eager(tiny_model("torch", "cpu"), "inductor", torch.device("cpu"))
 
 
 def test_a_triton_kernels_block_traces_without_graph_breaks(device):
     """The custom ops are single opaque nodes: dynamo + AOTAutograd trace the whole block (run eagerly here, so the
     interpreter can execute the kernels; inductor on the GPU test below)."""
-    compiled_equals_eager(tiny_block("triton", device), "aot_eager", device)
+    compiled_equals_eager(tiny_model("triton", device), "aot_eager", device)
 
 
 @pytest.mark.gpu
 def test_a_triton_kernels_block_compiles_with_inductor_on_cuda():
-    compiled_equals_eager(tiny_block("triton", "cuda"), "inductor", torch.device("cuda"))
+    compiled_equals_eager(tiny_model("triton", "cuda"), "inductor", torch.device("cuda"))
