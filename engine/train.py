@@ -218,10 +218,10 @@ def lr_factor(step: int, train) -> float:
 
 def build_optimizer(model, train):
     """AdamW with the multi-tensor kernels: fused (one kernel for all parameters) on CUDA, foreach elsewhere."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # model.freeze: no state for frozen weights
+    on_cuda = bool(trainable) and all(p.device.type == "cuda" for p in trainable)
     implementation = {"fused": True} if on_cuda else {"foreach": True}
-    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
                                   **implementation)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
     return optimizer, scheduler
@@ -478,7 +478,7 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
         log.warning(warning)
     encoders = build_encoders(config, dataset, device)
     diffusion = Diffusion(config.diffusion)
-    model, ema, precision = build_training_model(config, device)
+    model, ema, precision = build_training_model(config, device, pretrained=resume is None)
     # The optimizer, EMA, checkpoints and sampling use `model`; forward + backward go through the DDP/FSDP module.
     train_model = apply_data_parallel(model, info, mixed_precision=train_cfg.precision != "fp32")
     if ema is not None:
