@@ -23,13 +23,15 @@ CUDA: a tiny smoke config (fp32) that runs the same code in seconds; its numbers
 Reported per row: ms/step (wall time of --steps consecutive train_step calls / steps, after warm-up, synchronised at
 both ends: the loop's steady state, host overheads included), samples/s, tokens/s, peak memory, model TFLOP/s and
 MFU = engine/flops.py model FLOPs per step (3x the forward matmuls, recomputation not counted) / time / the device's
-dense bf16 peak, and the speed-up over diffusers eager taken in the same run.
+dense bf16 peak, the speed-up over diffusers eager taken in the same run, and (CUDA) host syncs per step counted with
+torch.cuda's sync debug mode (the loop's target: 1, its NaN-guard read).
 """
 import argparse
 import contextlib
 import gc
 import itertools
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,6 +264,21 @@ def time_steps(rig: StepRig, steps: int, warmup: int = WARMUP_STEPS) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def host_syncs_per_step(rig: StepRig, steps: int = 2) -> float:
+    """Synchronising CUDA calls per step, counted by torch.cuda's sync debug mode over `steps` steps: the warnings of
+    every sync other than the step's one deliberate read (engine/train.deliberate_sync), plus that one."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                rig.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = sum("synchronizing" in str(warning.message) for warning in caught)
+    return syncs / steps + 1
+
+
 @contextlib.contextmanager
 def cpu_threads(count: int):
     """Run with `count` intra-op threads, then restore: at smoke sizes thread hand-offs cost more than the math, and
@@ -295,6 +312,8 @@ def bench_one(variant_name: str, variant: Variant, config, device, steps: int, p
         rig = StepRig.build(config, device, variant.impl)
         seconds = time_steps(rig, steps, warmup)
         loss = rig.step().loss
+        if device.type == "cuda":
+            row["host syncs/step"] = host_syncs_per_step(rig)
     except (torch.OutOfMemoryError, RuntimeError, ValueError, ImportError, AssertionError) as error:
         del rig
         free_memory(device)

@@ -106,3 +106,11 @@ def test_cuda_steps_after_warm_up_never_synchronise(extra):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert rig.optimizer.defaults["fused"]
+
+
+@pytest.mark.gpu
+def test_the_step_benchmark_counts_the_one_deliberate_sync():
+    rig = smoke_rig(torch.device("cuda"), "train.precision=bf16")
+    for _ in range(3):
+        rig.step()
+    assert step_bench.host_syncs_per_step(rig) == 1.0
