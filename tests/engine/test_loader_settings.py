@@ -24,8 +24,10 @@ def test_loader_settings_reach_the_dataloader():
     config.data.num_workers = 0
     loader = loader_for(config, dataset, sampler, "cpu")
     assert loader.num_workers == 0 and loader.prefetch_factor is None and not loader.persistent_workers
-    with pytest.raises(ConfigError, match="data.num_workers"):
+    with pytest.raises(ConfigError, match="data.num_workers: must be >= 0"):
         build_config("tiny-t2v", ["data.num_workers=-1"])
+    with pytest.raises(ConfigError, match="data.prefetch_factor: must be >= 1"):
+        build_config("tiny-t2v", ["data.prefetch_factor=0"])
 
 
 def test_real_data_presets_load_with_workers():
