@@ -12,6 +12,7 @@ entry points. Every op is checked by torch.library.opcheck in tests/kernels/test
 import torch
 from torch import Tensor
 
+from .lean import activation_dtype
 from .layernorm_modulate import check_activation, check_group_vector, row_backward, row_forward
 from .patch_embed import (_check_pos_embed, _Geometry, patch_embed_backward_input, patch_embed_backward_weight,
                           patch_embed_forward)
@@ -30,15 +31,16 @@ def _vector_grad(groups: int, features: int, like: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------ LN + adaLN modulation
 
 @torch.library.custom_op(f"{LIBRARY}::layernorm_modulate_fwd", mutates_args=())
-def layernorm_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(LN(x) * (1 + scale) + shift, row means, row rstds)."""
-    _, normed, mean, rstd = row_forward(x, shift, scale, eps)
+def layernorm_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float,
+                           out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(LN(x) * (1 + scale) + shift in out_dtype, row means, row rstds)."""
+    _, normed, mean, rstd = row_forward(x, shift, scale, eps, normed_dtype=out_dtype)
     return normed, mean, rstd
 
 
 @layernorm_modulate_fwd.register_fake
-def _(x, shift, scale, eps):
-    return torch.empty_like(x), _row_stats(x), _row_stats(x)
+def _(x, shift, scale, eps, out_dtype):
+    return torch.empty_like(x, dtype=out_dtype), _row_stats(x), _row_stats(x)
 
 
 @torch.library.custom_op(f"{LIBRARY}::layernorm_modulate_bwd", mutates_args=())
@@ -55,7 +57,7 @@ def _(dout, x, mean, rstd, scale, shift_groups):
 
 
 def _layernorm_modulate_setup(ctx, inputs, output):
-    x, shift, scale, _ = inputs
+    x, shift, scale, _, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, mean, rstd, scale)
     ctx.shift_groups, ctx.dtypes = shift.shape[0], (shift.dtype, scale.dtype)
@@ -65,7 +67,7 @@ def _layernorm_modulate_backward(ctx, dnormed, _dmean, _drstd):
     x, mean, rstd, scale = ctx.saved_tensors
     dx, dshift, dscale = layernorm_modulate_bwd(dnormed.contiguous(), x, mean, rstd, scale, ctx.shift_groups)
     shift_dtype, scale_dtype = ctx.dtypes
-    return dx, dshift.to(shift_dtype), dscale.to(scale_dtype), None
+    return dx, dshift.to(shift_dtype), dscale.to(scale_dtype), None, None
 
 
 layernorm_modulate_fwd.register_autograd(_layernorm_modulate_backward, setup_context=_layernorm_modulate_setup)
@@ -76,13 +78,13 @@ def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
     x = check_activation("x", x)
     shift = check_group_vector("shift", shift, x.shape[0], x.shape[2])
     scale = check_group_vector("scale", scale, x.shape[0], x.shape[2])
-    return layernorm_modulate_fwd(x, shift, scale, eps)[0]
+    return layernorm_modulate_fwd(x, shift, scale, eps, activation_dtype(x))[0]
 
 
 # ----------------------------------------------------------------------------------------- gated residual
 
 def _residual_dtype(residual: Tensor, gate: Tensor, y: Tensor) -> torch.dtype:
-    return torch.promote_types(residual.dtype, torch.promote_types(gate.dtype, y.dtype))
+    return residual.dtype  # the residual stream keeps its dtype (train.residual_dtype)
 
 
 @torch.library.custom_op(f"{LIBRARY}::gate_residual_fwd", mutates_args=())
@@ -142,15 +144,16 @@ def gate_residual(residual, gate, y):
 
 @torch.library.custom_op(f"{LIBRARY}::gate_residual_layernorm_modulate_fwd", mutates_args=())
 def gate_residual_layernorm_modulate_fwd(residual: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor,
-                                         eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out = residual + gate * y, LN(out) * (1 + scale) + shift, row means, row rstds)."""
-    return row_forward(residual, shift, scale, eps, gate=gate, y=y, out_dtype=_residual_dtype(residual, gate, y))
+                                         eps: float, normed_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out = residual + gate * y, LN(out) * (1 + scale) + shift in normed_dtype, row means, row rstds)."""
+    return row_forward(residual, shift, scale, eps, gate=gate, y=y, out_dtype=_residual_dtype(residual, gate, y),
+                       normed_dtype=normed_dtype)
 
 
 @gate_residual_layernorm_modulate_fwd.register_fake
-def _(residual, gate, y, shift, scale, eps):
+def _(residual, gate, y, shift, scale, eps, normed_dtype):
     out = torch.empty_like(residual, dtype=_residual_dtype(residual, gate, y))
-    return out, torch.empty_like(out), _row_stats(residual), _row_stats(residual)
+    return out, torch.empty_like(out, dtype=normed_dtype), _row_stats(residual), _row_stats(residual)
 
 
 @torch.library.custom_op(f"{LIBRARY}::gate_residual_layernorm_modulate_bwd", mutates_args=())
@@ -170,7 +173,7 @@ def _(dnormed, dout, out, mean, rstd, scale, gate, y, shift_groups, residual_dty
 
 
 def _fused_setup(ctx, inputs, output):
-    residual, gate, y, shift, scale, _ = inputs
+    residual, gate, y, shift, scale, _, _ = inputs
     out, _, mean, rstd = output
     ctx.save_for_backward(out, mean, rstd, scale, gate, y)
     ctx.shift_groups, ctx.dtypes = shift.shape[0], (residual.dtype, shift.dtype)
@@ -183,7 +186,7 @@ def _fused_backward(ctx, dout, dnormed, _dmean, _drstd):
     dnormed = torch.zeros_like(out) if dnormed is None else dnormed.contiguous()
     dresidual, dshift, dscale, dy, dgate = gate_residual_layernorm_modulate_bwd(
         dnormed, dout, out, mean, rstd, scale, gate, y, ctx.shift_groups, residual_dtype)
-    return dresidual, dgate.to(gate.dtype), dy, dshift.to(shift_dtype), dscale.to(scale.dtype), None
+    return dresidual, dgate.to(gate.dtype), dy, dshift.to(shift_dtype), dscale.to(scale.dtype), None, None
 
 
 gate_residual_layernorm_modulate_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -194,7 +197,8 @@ def gate_residual_layernorm_modulate(residual, gate, y, shift, scale, eps: float
     residual, gate, y = _check_residual_inputs(residual, gate, y)
     shift = check_group_vector("shift", shift, residual.shape[0], residual.shape[2])
     scale = check_group_vector("scale", scale, residual.shape[0], residual.shape[2])
-    out, normed, _, _ = gate_residual_layernorm_modulate_fwd(residual, gate, y, shift, scale, eps)
+    out, normed, _, _ = gate_residual_layernorm_modulate_fwd(residual, gate, y, shift, scale, eps,
+                                                             activation_dtype(residual))
     return out, normed
 
 

@@ -36,18 +36,19 @@ def test_custom_ops_match_reference(n, s, d, gate_groups, norm_groups, dtype, at
 def op_cases(device):
     residual, gate, y, shift, scale = make_inputs(4, 5, 40, 2, 4, torch.float32, device)
     x = residual.detach()
-    _, mean, rstd = custom_ops.layernorm_modulate_fwd(x, shift.detach(), scale.detach(), 1e-6)
+    _, mean, rstd = custom_ops.layernorm_modulate_fwd(x, shift.detach(), scale.detach(), 1e-6, torch.float32)
     out, _, fmean, frstd = custom_ops.gate_residual_layernorm_modulate_fwd(x, gate.detach(), y.detach(),
-                                                                           shift.detach(), scale.detach(), 1e-6)
+                                                                           shift.detach(), scale.detach(), 1e-6,
+                                                                           torch.float32)
     dout = torch.randn_like(x)
     return {
-        "layernorm_modulate_fwd": (custom_ops.layernorm_modulate_fwd, (residual, shift, scale, 1e-6)),
+        "layernorm_modulate_fwd": (custom_ops.layernorm_modulate_fwd, (residual, shift, scale, 1e-6, torch.float32)),
         "layernorm_modulate_bwd": (custom_ops.layernorm_modulate_bwd,
                                    (dout, x, mean, rstd, scale.detach(), shift.shape[0])),
         "gate_residual_fwd": (custom_ops.gate_residual_fwd, (residual, gate, y)),
         "gate_residual_bwd": (custom_ops.gate_residual_bwd, (dout, gate.detach(), y.detach())),
         "gate_residual_layernorm_modulate_fwd": (custom_ops.gate_residual_layernorm_modulate_fwd,
-                                                 (residual, gate, y, shift, scale, 1e-6)),
+                                                 (residual, gate, y, shift, scale, 1e-6, torch.float32)),
         "gate_residual_layernorm_modulate_bwd": (custom_ops.gate_residual_layernorm_modulate_bwd,
                                                  (dout, dout.clone(), out, fmean, frstd, scale.detach(),
                                                   gate.detach(), y.detach(), shift.shape[0], torch.float32)),
@@ -147,3 +148,18 @@ def test_a_triton_kernels_block_traces_without_graph_breaks(device):
 @pytest.mark.gpu
 def test_a_triton_kernels_block_compiles_with_inductor_on_cuda():
     compiled_equals_eager(tiny_model("triton", "cuda"), "inductor", torch.device("cuda"))
+
+
+def test_output_dtypes_follow_the_kernel_sets_rule(device):
+    """Under autocast an LN-modulate emits the autocast dtype (the next linear's input) and the gated residual keeps
+    the residual's dtype, as the torch kernel set does (kernels/lean.py): same memory, either set."""
+    from ristretto.kernels import lean  # noqa: PLC0415
+
+    residual, gate, y, shift, scale = make_inputs(4, 5, 40, 2, 4, torch.float32, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours = [custom_ops.layernorm_modulate(residual, shift, scale), custom_ops.gate_residual(residual, gate, y),
+                *custom_ops.gate_residual_layernorm_modulate(residual, gate, y, shift, scale)]
+        torch_set = [lean.layernorm_modulate(residual, shift, scale), lean.gate_residual(residual, gate, y),
+                     *lean.gate_residual_layernorm_modulate(residual, gate, y, shift, scale)]
+    assert [t.dtype for t in ours] == [t.dtype for t in torch_set] == [torch.bfloat16, torch.float32, torch.float32,
+                                                                       torch.bfloat16]
