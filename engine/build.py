@@ -32,7 +32,8 @@ def temporal_attention_backend(name: str, attention_fn) -> TemporalAttentionFn:
     """model.temporal_attention: the Triton kernel (reads q, k, v and writes its output in the spatial layout) or
     `attention_fn` on frame sequences (q, k, v copied in, the projected output copied back)."""
     if name == "triton":
-        from ristretto.kernels.temporal_attention import temporal_attention  # noqa: PLC0415 - Triton on demand
+        # the registered custom op (kernels/custom_ops.py): opaque to torch.compile, no graph break
+        from ristretto.kernels.custom_ops import temporal_attention  # noqa: PLC0415 - Triton on demand
 
         return attention_in_spatial_layout(temporal_attention)
     if name == "attention_backend":

@@ -276,3 +276,54 @@ def patch_embed(x, weight, bias, pos_embed, patch: int):
         raise ValueError(f"bias: expected shape [{geometry.features}], got {tuple(bias.shape)}")
     return patch_embed_fwd(x, weight, bias, _check_pos_embed(pos_embed, geometry) if pos_embed is not None else None,
                            patch)
+
+
+# ----------------------------------------------------------------------------------------- temporal attention
+
+@torch.library.custom_op(f"{LIBRARY}::temporal_attention_fwd", mutates_args=())
+def temporal_attention_fwd(qkv: Tensor, frames: int) -> tuple[Tensor, Tensor]:
+    """(out [B*F, S, heads, dim], fp32 logsumexp [B*F, S, heads]) of attention over each position's F frames."""
+    from .temporal_attention import temporal_forward  # noqa: PLC0415 - the kernel module needs a Triton build
+
+    return temporal_forward(qkv, frames)
+
+
+@temporal_attention_fwd.register_fake
+def _(qkv, frames):
+    rows, positions, _, heads, dim = qkv.shape
+    return qkv.new_empty((rows, positions, heads, dim)), qkv.new_empty((rows, positions, heads), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{LIBRARY}::temporal_attention_bwd", mutates_args=())
+def temporal_attention_bwd(qkv: Tensor, out: Tensor, dout: Tensor, lse: Tensor, frames: int) -> Tensor:
+    """dqkv [B*F, S, 3, heads, dim]."""
+    from .temporal_attention import temporal_backward  # noqa: PLC0415
+
+    return temporal_backward(qkv, out, dout, lse, frames)
+
+
+@temporal_attention_bwd.register_fake
+def _(qkv, out, dout, lse, frames):
+    return torch.empty_like(qkv)
+
+
+def _temporal_setup(ctx, inputs, output):
+    qkv, frames = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)  # q, k, v once (one storage), out, fp32 logsumexp
+    ctx.frames = frames
+
+
+def _temporal_backward(ctx, dout, _dlse):
+    qkv, out, lse = ctx.saved_tensors
+    return temporal_attention_bwd(qkv, out, dout.contiguous(), lse, ctx.frames), None
+
+
+temporal_attention_fwd.register_autograd(_temporal_backward, setup_context=_temporal_setup)
+
+
+def temporal_attention(qkv: Tensor, frames: int) -> Tensor:
+    """Attention over the F frames of each spatial position.   qkv [B*F, S, 3, heads, dim] -> [B*F, S, heads, dim]."""
+    from .temporal_attention import check_qkv  # noqa: PLC0415
+
+    return temporal_attention_fwd(check_qkv(qkv, frames), frames)[0]

@@ -163,3 +163,37 @@ def test_output_dtypes_follow_the_kernel_sets_rule(device):
                      *lean.gate_residual_layernorm_modulate(residual, gate, y, shift, scale)]
     assert [t.dtype for t in ours] == [t.dtype for t in torch_set] == [torch.bfloat16, torch.float32, torch.float32,
                                                                        torch.bfloat16]
+
+
+def test_temporal_attention_op_passes_opcheck_and_matches_the_function(device):
+    from ristretto.kernels.temporal_attention import temporal_attention as function_version  # noqa: PLC0415
+
+    qkv = torch.randn(2 * 5, 3, 3, 2, 8, generator=torch.Generator().manual_seed(4)).to(device)  # B=2, F=5, S=3
+    torch.library.opcheck(custom_ops.temporal_attention_fwd, (qkv.clone().requires_grad_(), 5))
+    out, lse = custom_ops.temporal_attention_fwd(qkv, 5)
+    torch.library.opcheck(custom_ops.temporal_attention_bwd, (qkv, out, torch.randn_like(out), lse, 5))
+    results = []
+    for fn in (custom_ops.temporal_attention, function_version):
+        leaf = qkv.clone().requires_grad_()
+        result = fn(leaf, 5)
+        (grad,) = torch.autograd.grad(result.sum(), leaf)
+        results.append((result, grad))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_model_with_triton_temporal_attention_traces_without_graph_breaks(device):
+    from ristretto.engine.build import build_plain_model, compile_blocks  # noqa: PLC0415
+    from ristretto.engine.config import build_config  # noqa: PLC0415
+
+    config = build_config("tiny-t2v", ["model.hidden_size=32", "model.num_heads=2", "model.depth=1",
+                                       "model.caption_channels=8", "model.caption_length=4",
+                                       "model.temporal_attention=triton", "model.kernels=triton"])
+    torch.manual_seed(0)
+    model = build_plain_model(config).to(device)
+    args = (torch.randn(2, 4, 3, 16, 16).to(device), torch.tensor([3, 500], device=device))
+    conditions = dict(caption=torch.randn(2, 4, 8).to(device), caption_mask=torch.ones(2, 4, dtype=torch.bool,
+                                                                                      device=device))
+    eager = model(*args, **conditions)
+    torch._dynamo.reset()
+    compile_blocks(model, fullgraph=True, backend="aot_eager")  # a graph break in any block raises
+    torch.testing.assert_close(model(*args, **conditions), eager, atol=1e-5, rtol=1e-5)
