@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch, target_of
+
 MAX_FEATURES = 16384  # one row must fit one program's registers
 
 
@@ -127,7 +129,7 @@ def _row_bwd_kernel(
 def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A kernel's output buffer. The CPU interpreter (triton 3.9) truncates fp32 -> bf16 instead of rounding to
     nearest even as the GPU does, so there bf16 outputs are written in fp32 and rounded by torch (`finish_output`)."""
-    if dtype == torch.bfloat16 and device.type != "cuda":
+    if dtype == torch.bfloat16 and target_of(device).interpreted:
         return torch.empty(shape, dtype=torch.float32, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
@@ -152,11 +154,7 @@ def _row_blocks(n_cols: int) -> tuple[int, int, int]:
 
 def _programs_per_group(groups: int, rows_per_group: int, block_rows: int, device: torch.device) -> int:
     """Enough programs to fill the device (4 per SM), never more than a group has row tiles."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 2
-    return max(1, min(triton.cdiv(rows_per_group, block_rows), triton.cdiv(target, groups)))
+    return max(1, min(triton.cdiv(rows_per_group, block_rows), triton.cdiv(target_of(device).programs_to_fill, groups)))
 
 
 def check_group_vector(name: str, vector: torch.Tensor, rows: int, features: int) -> torch.Tensor:
@@ -191,7 +189,7 @@ def row_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None, normaliz
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device) if normalize else None
     gate, shift, scale = (v if v is not None else x[0, :1] for v in (gate, shift, scale))  # placeholders if off
     dummy = x  # never read or written: its flag is off
-    _row_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+    launch(_row_fwd_kernel, (triton.cdiv(n_rows, block_rows),))(
         x, gate, y if gated else dummy, residual_out if gated else dummy,
         shift, scale, normed if normalize else dummy, mean if normalize else dummy, rstd if normalize else dummy,
         n_rows, d, n_rows // gate.shape[0], n_rows // shift.shape[0], n_rows // scale.shape[0],
@@ -234,7 +232,7 @@ def row_backward(dout=None, x=None, mean=None, rstd=None, scale=None, shift_grou
     gate_or_dummy = gate if gated else like[0, :1]
     scale_or_dummy = scale if normalize else like[0, :1]
     dummy = like  # never read or written: its flag is off
-    _row_bwd_kernel[(groups, programs)](
+    launch(_row_bwd_kernel, (groups, programs))(
         x if normalize else dummy, mean if normalize else dummy, rstd if normalize else dummy,
         scale_or_dummy, dout if normalize else dummy, dx if normalize else dummy,
         dresidual_out if dresidual_out is not None else dummy, gate_or_dummy, y if gated else dummy,
