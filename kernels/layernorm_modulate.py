@@ -152,6 +152,17 @@ def _row_blocks(n_cols: int) -> tuple[int, int, int]:
     return block_rows, block_d, num_warps
 
 
+def _row_backward_blocks(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_D, num_warps) of the backward: it keeps about five row tiles live (x, dout, xhat, dxhat, y),
+    so it takes half the forward's rows per tile and 4 elements per thread. With the forward's 2 x 2048 tile on 8 warps
+    the fused gate + LN backward needed 176 registers, one block per SM; one row on 16 warps needs under 64, two
+    blocks (bench/compile_check.py, sm_90a)."""
+    block_rows, block_d, _ = _row_blocks(n_cols)
+    block_rows = max(1, block_rows // 2)
+    num_warps = max(4, min(16, block_rows * block_d // (4 * 32)))
+    return block_rows, block_d, num_warps
+
+
 def _programs_per_group(groups: int, rows_per_group: int, block_rows: int, device: torch.device) -> int:
     """Enough programs to fill the device (4 per SM), never more than a group has row tiles."""
     return max(1, min(triton.cdiv(rows_per_group, block_rows), triton.cdiv(target_of(device).programs_to_fill, groups)))
@@ -219,7 +230,7 @@ def row_backward(dout=None, x=None, mean=None, rstd=None, scale=None, shift_grou
     vector_groups = [v.shape[0] for v in (scale, gate) if v is not None] + ([shift_groups] if shift_groups else [])
     groups = math.lcm(*vector_groups)  # the finest grouping; divides N because every vector's M does
     rows_per_group = n * s // groups
-    block_rows, block_d, num_warps = _row_blocks(d)
+    block_rows, block_d, num_warps = _row_backward_blocks(d)
     programs = _programs_per_group(groups, rows_per_group, block_rows, like.device)
     partial_shape = (groups, programs, d)
     f32 = dict(dtype=torch.float32, device=like.device)

@@ -163,12 +163,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _tiles(geometry, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of all three GEMMs. K = C*p*p is small (16 for Latte's 4 channels and
-    patch 2), so tiles are wide in M and N. fp32 runs on FMA (no TF32, see `_dot_precision`): a 64x128 fp32 tile
-    held 254 registers per thread at 4 warps, so fp32 spreads the same tile over 8 warps."""
+    patch 2), so tiles are wide in M and N. fp32 runs on FMA, not tensor cores (no TF32, see `_dot_precision`), and a
+    64x128 fp32 tile needed 254 registers per thread (2 blocks per SM); 32x64 needs 80 (6 blocks per SM, sm_90a)."""
     block_k = max(16, min(64, triton.next_power_of_2(geometry.k)))
-    block_n = max(16, min(128, triton.next_power_of_2(geometry.features)))
-    num_warps = 4
-    return 64, block_n, block_k, num_warps
+    block_m, block_n_max = (32, 64) if dtype == torch.float32 else (64, 128)
+    block_n = max(16, min(block_n_max, triton.next_power_of_2(geometry.features)))
+    return block_m, block_n, block_k, 4
 
 
 def _meta(geometry, dtype, target, block_m, block_n, block_k, num_warps) -> dict:
