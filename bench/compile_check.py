@@ -311,10 +311,11 @@ def summary_rows(report: dict) -> list[dict]:
         blocks = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in meta.items() if k.startswith("BLOCK"))
         flags = " ".join(f"{k}" for k, v in meta.items() if v is True)
         precisions = sorted({used.split("/")[-1] for used in e.get("used_by", [])})
-        rows.append({"kernel": e["kernel"].strip("_"), "precisions": ",".join(precisions), "flags": flags, "blocks": blocks, "warps": meta.get("num_warps", ""),
-            "regs": e.get("registers", "-"), "spill": e.get("spill_stores", "-"), "smem": e.get("shared_bytes", "-"),
-            "blk/SM": e.get("blocks_per_sm", "-"), "tc": e.get("tensor_cores", "-"),
-            "ok": "FAIL" if e["failures"] else "ok"})
+        rows.append({"kernel": e["kernel"].strip("_"), "precisions": ",".join(precisions), "flags": flags,
+                     "blocks": blocks, "warps": meta.get("num_warps", ""), "regs": e.get("registers", "-"),
+                     "spill": e.get("spill_stores", "-"), "smem": e.get("shared_bytes", "-"),
+                     "blk/SM": e.get("blocks_per_sm", "-"), "tc": e.get("tensor_cores", "-"),
+                     "ok": "FAIL" if e["failures"] else "ok"})
     return rows
 
 

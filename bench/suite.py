@@ -21,9 +21,11 @@ ristretto.bench.<name> ...`), so a change inside a benchmark module cannot break
     compile      bench/compile_check.py with the machine's own triton (the committed report is from CI's triton)
 
 Writes <part>.json per part (status, seconds, each command's exit status and output tail, the JSON results the
-benchmark wrote) and summary.md under --out (default bench/results/<date>-<gpu>/), and copies them to --copy-to.
-`--wheels DIR` installs the wheels in DIR (diffusers, torchao, ...) into a temporary site folder first, for every
-part. `--dry-run` (CPU is fine) runs every part's smoke version instead and prints the budget table; CI runs it.
+benchmark wrote) and summary.md under --out (default bench/results/<date>-<gpu>/); with --copy-to DIR, also
+summary.md and a .tar.gz of the whole folder there, refreshed after every part (a killed run still hands back its
+finished parts). `--wheels DIR` installs the wheels in DIR (diffusers, torchao, ...) into a temporary site folder
+first, for every part. `--dry-run` (CPU is fine) runs every part's smoke version instead and prints the budget table;
+CI runs it.
 docs/gpu.md says how to carry wheels to the GPU machine and run this there.
 """
 import argparse
@@ -34,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -239,7 +242,8 @@ def budget_table(parts: list[Part], budget: float) -> list[dict]:
             for p in parts]
 
 
-def run_suite(parts: list[Part], budget: float, out_dir: Path, env: dict, dry_run: bool) -> list[dict]:
+def run_suite(parts: list[Part], budget: float, out_dir: Path, env: dict, dry_run: bool, after_part=None) -> list[dict]:
+    """Run `parts` in order within `budget` seconds; `after_part(records so far)` is called after each part."""
     start = time.monotonic()
     scale = budget / sum(p.share for p in parts)
     records, planned_end = [], 0.0
@@ -256,6 +260,8 @@ def run_suite(parts: list[Part], budget: float, out_dir: Path, env: dict, dry_ru
         print(f"[suite] {part.name:12s} {record['status']:8s} {record['seconds']:6.1f}s / {record['budget_s']:.0f}s"
               + (f"  {record['error']}" if record.get("error") else ""), flush=True)
         records.append(record)
+        if after_part is not None:
+            after_part(records)
     return records
 
 
@@ -345,6 +351,17 @@ def _time(fn, cuda: bool, warmup: int = 3, reps: int = 20) -> float:
 # ---------------------------------------------------------------------------------------------- entry point
 
 
+def copy_results(out_dir: Path, copy_to: Path) -> Path:
+    """Two files in `copy_to`: summary.md and <out_dir name>.tar.gz of the whole results folder. Few, flat files,
+    because that is what a GPU machine's hand-back folder takes (the device tool: 8 files, 2 folders deep)."""
+    copy_to.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out_dir / "summary.md", copy_to / "summary.md")
+    partial = copy_to / f"{out_dir.name}.tar.gz.partial"
+    with tarfile.open(partial, "w:gz") as archive:
+        archive.add(out_dir, arcname=out_dir.name)
+    return partial.replace(copy_to / f"{out_dir.name}.tar.gz")
+
+
 def gpu_short_name() -> str:
     """'h200' style name from nvidia-smi (no torch import in the parent before --wheels is applied); 'cpu' if none."""
     smi = shutil.which("nvidia-smi")
@@ -373,7 +390,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m ristretto.bench.suite", description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=540, help="hard limit in seconds for all parts (%(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<date>-<gpu>/)")
-    parser.add_argument("--copy-to", type=Path, default=None, help="also copy the results folder here")
+    parser.add_argument("--copy-to", type=Path, default=None,
+                        help="also write summary.md and a .tar.gz of the results here (refreshed after every part)")
     parser.add_argument("--wheels", type=Path, default=None, help="install the wheels in this folder first")
     parser.add_argument("--parts", type=lambda s: s.split(","), default=[p.name for p in PARTS],
                         help=f"comma-separated subset of {','.join(p.name for p in PARTS)}")
@@ -403,12 +421,14 @@ def main(argv=None) -> int:
     table = budget_table(parts, args.budget)
     print("\n".join(f"{row['part']:12s} {row['slice_s']:6.1f}s  {row['commands']} command(s)  {row['answers']}"
                     for row in table), flush=True)
-    records = run_suite(parts, args.budget, out_dir, env, args.dry_run)
-    (out_dir / "summary.md").write_text(summary_markdown(records, args.budget, args.dry_run))
-    print(f"[suite] wrote {out_dir}/summary.md")
-    if args.copy_to is not None:
-        shutil.copytree(out_dir, args.copy_to / out_dir.name, dirs_exist_ok=True)
-        print(f"[suite] copied to {args.copy_to / out_dir.name}")
+
+    def save(records):  # after every part, so a run killed from outside still leaves what it finished
+        (out_dir / "summary.md").write_text(summary_markdown(records, args.budget, args.dry_run))
+        if args.copy_to is not None:
+            copy_results(out_dir, args.copy_to)
+
+    records = run_suite(parts, args.budget, out_dir, env, args.dry_run, after_part=save)
+    print(f"[suite] wrote {out_dir}/summary.md" + (f", copied to {args.copy_to}" if args.copy_to else ""))
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
 

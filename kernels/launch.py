@@ -43,7 +43,7 @@ def _cuda_target(index: int) -> Target:
 
 
 def target_of(device: torch.device) -> Target:
-    """The target a launcher configures itself for: the recorded target inside `recorded_launches`, else the device's."""
+    """The target a launcher configures for: the recorded one inside `recorded_launches`, else the device's own."""
     pretend = _pretend.get()
     if pretend is not None:
         return pretend

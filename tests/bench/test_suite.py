@@ -1,7 +1,8 @@
-"""The GPU suite: its CPU dry run works end to end, and a failing or hanging part is recorded while the suite goes on."""
+"""The GPU suite: its CPU dry run works end to end; a failing or hanging part is recorded and the suite goes on."""
 import json
 import subprocess
 import sys
+import tarfile
 
 from ristretto.bench import suite
 from ristretto.bench.suite import Part, run_suite
@@ -16,7 +17,9 @@ def test_dry_run_runs_every_part_and_writes_the_summary(tmp_path):
         assert f"{part.name:12s}" in done.stdout  # the budget table
         record = json.loads((out / f"{part.name}.json").read_text())
         assert record["status"] == "ok" and record["dry_run"], record.get("error")
-        assert (copy / "results" / f"{part.name}.json").exists()
+    with tarfile.open(copy / "results.tar.gz") as archive:
+        assert {f"results/{part.name}.json" for part in suite.PARTS} <= set(archive.getnames())
+    assert (copy / "summary.md").read_text() == (out / "summary.md").read_text()
     summary = (out / "summary.md").read_text()
     assert summary.count("| ok |") == len(suite.PARTS)
     environment = json.loads((out / "environment" / "environment.json").read_text())
