@@ -18,17 +18,19 @@ ristretto.bench.<name> ...`), so a change inside a benchmark module cannot break
     memory       bench/memory.py with the device capped to 80 GiB (torch.cuda.set_per_process_memory_fraction), so an
                  H200 answers for an 80 GB H100: planner vs measured peak, largest batch found vs planned
     parity       a few hundred steps of the tiny synthetic preset: bf16 torch vs triton vs fp8-ao loss curves
+    default-run  the README's default training command, timed on the GPU
     compile      bench/compile_check.py with the machine's own triton (the committed report is from CI's triton)
 
 Writes <part>.json per part (status, seconds, each command's exit status and output tail, the JSON results the
 benchmark wrote) and summary.md under --out (default bench/results/<date>-<gpu>/); with --copy-to DIR, also
 summary.md and a .tar.gz of the whole folder there, refreshed after every part (a killed run still hands back its
 finished parts). `--wheels DIR` installs the wheels in DIR (diffusers, torchao, ...) into a temporary site folder
-first, for every part. `--dry-run` (CPU is fine) runs every part's smoke version instead and prints the budget table;
-CI runs it.
+first, for every part. `--dry-run` (CPU is fine) runs every part's smoke version instead, concurrently, and prints the
+budget table; CI runs it.
 docs/gpu.md says how to carry wheels to the GPU machine and run this there.
 """
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -45,6 +47,7 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIN_PART_SECONDS = 5  # a part is not started with less than this left of the budget
+SMOKE_TIMEOUT_S = 240  # a smoke version's least timeout: a busy shared CPU, not the GPU's budget, sets its pace
 TAIL_CHARS = 3000
 PY = sys.executable
 
@@ -126,16 +129,16 @@ def compile_summary(folder: Path, record: dict) -> dict:
 
 
 PARTS = [
-    Part("environment", "device, versions, copy GB/s and bf16 GEMM TFLOP/s", 30,
+    Part("environment", "device, versions, copy GB/s and bf16 GEMM TFLOP/s", 25,
          gpu=[[PY, "-m", "ristretto.bench.suite", "--environment", "{out}"]],
          smoke=[[PY, "-m", "ristretto.bench.suite", "--environment", "{out}"]], summarize=environment_summary),
-    Part("gpu-tests", "pytest -m gpu: compiled kernels, attention backends, precision, sync-free step", 90,
+    Part("gpu-tests", "pytest -m gpu: compiled kernels, attention backends, precision, sync-free step", 100,
          gpu=[[PY, "-m", "pytest", "-m", "gpu", "-x", "-q", "-p", "no:cacheprovider"]],
          smoke=[[PY, "-m", "pytest", "-m", "gpu", "-q", "--collect-only", "-p", "no:cacheprovider",
                  "tests/kernels/test_patch_embed.py"]]),
-    Part("kernels", "each Triton kernel vs eager / torch.compile, fraction of copy bandwidth", 60,
+    Part("kernels", "each Triton kernel vs eager / torch.compile, fraction of copy bandwidth", 50,
          gpu=[_bench("kernels", "--out", "{out}")], smoke=[_bench("kernels", "--help")]),
-    Part("attention", "attention backends at Latte's shapes, incl. the temporal kernel", 50,
+    Part("attention", "attention backends at Latte's shapes, incl. the temporal kernel", 40,
          gpu=[_bench("attention", "--out", "{out}")], smoke=[_bench("attention", "--help")]),
     Part("step", "train step at Latte-XL/2 16x256^2 and Latte-1 16x512^2: ours eager/compile/triton/fp8-ao vs "
                  "diffusers", 150,
@@ -148,15 +151,18 @@ PARTS = [
               _bench("step", "--configs", "xl2-t2v", "--checkpointing", "full", "--steps", "5", "--compile",
                      "--precision", "fp8-ao", "--out", "{out}/fp8-ao")],
          smoke=[_bench("step", "--smoke", "--steps", "1", "--checkpointing", "none", "--out", "{out}")]),
-    Part("memory", "planner vs measured peak with the device capped to 80 GiB; largest batch found vs planned", 80,
-         gpu=[[PY, "-c", CAP_80_GIB, "--configs", "xl2-t2v,t2v512", "--modes", "none,full", "--out", "{out}"]],
+    Part("memory", "planner vs measured peak with the device capped to 80 GiB; largest batch found vs planned", 75,
+         gpu=[[PY, "-c", CAP_80_GIB, "--configs", "xl2-t2v,t2v512", "--modes", "none,full,selective-mlp",
+               "--out", "{out}"]],
          smoke=[_bench("memory", "--help")]),
-    Part("parity", f"{PARITY_STEPS} steps of tiny-t2v: bf16 torch vs triton vs fp8-ao loss", 60,
+    Part("parity", f"{PARITY_STEPS} steps of tiny-t2v: bf16 torch vs triton vs fp8-ao loss", 55,
          gpu=[_train(f"{{out}}/{name}", f"train.max_steps={PARITY_STEPS}", *sets)
               for name, sets in PARITY_VARIANTS.items()],
          smoke=[_train("{out}/bf16-torch", "train.max_steps=2", "train.log_every=1", "train.batch_size=1",
                        "data.frames=2")],
          summarize=parity_summary),
+    Part("default-run", "the README's default `python train.py` (tiny-t2v) on the GPU: minutes, not CPU minutes", 25,
+         gpu=[[PY, "train.py", "--out", "{out}/run"]], smoke=[[PY, "train.py", "--help"]]),
     Part("compile", "every Triton kernel compiled for sm_90a by the machine's triton: registers, spills, smem", 20,
          gpu=[_bench("compile_check", "--out", "{out}/compile_check_sm90a.json")],
          smoke=[_bench("compile_check", "--list", "--sizes", "latte-xl2-16x256", "--precisions", "bf16")],
@@ -242,6 +248,13 @@ def budget_table(parts: list[Part], budget: float) -> list[dict]:
             for p in parts]
 
 
+def _finish(record: dict, out_dir: Path) -> dict:
+    (out_dir / f"{record['part']}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    print(f"[suite] {record['part']:12s} {record['status']:8s} {record['seconds']:6.1f}s / {record['budget_s']:.0f}s"
+          + (f"  {record['error']}" if record.get("error") else ""), flush=True)
+    return record
+
+
 def run_suite(parts: list[Part], budget: float, out_dir: Path, env: dict, dry_run: bool, after_part=None) -> list[dict]:
     """Run `parts` in order within `budget` seconds; `after_part(records so far)` is called after each part."""
     start = time.monotonic()
@@ -256,13 +269,20 @@ def run_suite(parts: list[Part], budget: float, out_dir: Path, env: dict, dry_ru
                       "budget_s": round(max(0.0, seconds), 1), "error": "the suite's budget was spent"}
         else:
             record = run_part(part, seconds, out_dir, env, dry_run)
-        (out_dir / f"{part.name}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-        print(f"[suite] {part.name:12s} {record['status']:8s} {record['seconds']:6.1f}s / {record['budget_s']:.0f}s"
-              + (f"  {record['error']}" if record.get("error") else ""), flush=True)
-        records.append(record)
+        records.append(_finish(record, out_dir))
         if after_part is not None:
             after_part(records)
     return records
+
+
+def run_smoke_concurrently(parts: list[Part], budget: float, out_dir: Path, env: dict, workers: int) -> list[dict]:
+    """The dry run: every part's CPU smoke version at once (they share nothing), each with its own slice as timeout.
+    On a GPU parts run one after another, so that timings do not disturb each other."""
+    scale = budget / sum(p.share for p in parts)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(run_part, part, max(part.share * scale, SMOKE_TIMEOUT_S), out_dir, env, True)
+                   for part in parts]
+        return [_finish(future.result(), out_dir) for future in futures]
 
 
 def summary_markdown(records: list[dict], budget: float, dry_run: bool) -> str:
@@ -427,7 +447,11 @@ def main(argv=None) -> int:
         if args.copy_to is not None:
             copy_results(out_dir, args.copy_to)
 
-    records = run_suite(parts, args.budget, out_dir, env, args.dry_run, after_part=save)
+    if args.dry_run:
+        records = run_smoke_concurrently(parts, args.budget, out_dir, env, workers=min(4, os.cpu_count() or 1))
+        save(records)
+    else:
+        records = run_suite(parts, args.budget, out_dir, env, dry_run=False, after_part=save)
     print(f"[suite] wrote {out_dir}/summary.md" + (f", copied to {args.copy_to}" if args.copy_to else ""))
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
