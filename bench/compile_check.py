@@ -160,9 +160,12 @@ def compile_for_hopper(launch):
     import triton  # noqa: PLC0415
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
     from triton.compiler import ASTSource, make_backend  # noqa: PLC0415
-    from triton.runtime.jit import create_function_from_signature  # noqa: PLC0415 - what JITFunction.run uses
 
     kernel = launch.kernel
+    try:
+        from triton.runtime.jit import create_function_from_signature  # noqa: PLC0415 - what JITFunction.run uses
+    except ImportError:  # another triton (the GPU machine's 3.6): let the JIT compile for the GPU that is there
+        return kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -172,10 +175,17 @@ def compile_for_hopper(launch):
 
 
 def _nvidia_tool(name: str) -> str:
+    """The ptxas that assembles sm_90 in this triton (3.9 bundles two and picks by architecture), or its cuobjdump."""
+    from triton.backends.nvidia import compiler  # noqa: PLC0415
+
+    if name == "ptxas":
+        try:
+            return compiler.get_ptxas(90).path
+        except TypeError:  # older triton: one ptxas
+            return compiler.get_ptxas().path
     from triton import knobs  # noqa: PLC0415
 
-    tool = "ptxas_blackwell" if name == "ptxas" else name  # triton 3.9 assembles sm_90 with its newer ptxas
-    return getattr(knobs.nvidia, tool).path
+    return getattr(knobs.nvidia, name).path
 
 
 def ptxas_report(ptx: str) -> dict:
