@@ -1,8 +1,10 @@
 """The GPU suite: its CPU dry run works end to end; a failing or hanging part is recorded and the suite goes on."""
 import json
+import os
 import subprocess
 import sys
 import tarfile
+import zipfile
 
 from ristretto.bench import suite
 from ristretto.bench.suite import Part, run_suite
@@ -57,3 +59,30 @@ def test_budget_table_scales_the_slices_to_the_budget():
     table = suite.budget_table(suite.PARTS, 270)
     assert abs(sum(row["slice_s"] for row in table) - 270) < 1
     assert [row["part"] for row in table][:2] == ["environment", "gpu-tests"]  # most valuable first
+
+
+def _tiny_wheel(folder, name="carried_pkg", version="1.0"):
+    """A minimal pure-Python wheel holding one module, as pip download would hand one over."""
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    dist_info = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": "VALUE = 42\n",
+             f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{dist_info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{dist_info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as archive:
+        for file_name, text in files.items():
+            archive.writestr(file_name, text)
+    return path
+
+
+def test_wheels_are_installed_offline_for_every_part(tmp_path):
+    _tiny_wheel(tmp_path)
+    env = {"PYTHONPATH": "/elsewhere"}
+    site = suite.install_wheels(tmp_path, env)
+    try:
+        assert env["PYTHONPATH"].split(os.pathsep) == [str(site), "/elsewhere"]
+        done = subprocess.run([sys.executable, "-c", "import carried_pkg; print(carried_pkg.VALUE)"],
+                              env={**os.environ, **env}, capture_output=True, text=True)
+        assert done.stdout.strip() == "42", done.stderr
+    finally:
+        sys.path.remove(str(site))
