@@ -1,6 +1,7 @@
 """From a RunConfig to a ready model: build the plain Latte, then apply the seams from outside, in a fixed order
-(torchtitan-style): kernels -> attention backend -> [EMA copy] -> precision (FP8 converters) -> activation
-checkpointing -> compile. The EMA copy is taken before the converters so it stays plain weights."""
+(torchtitan-style): kernels -> attention backend -> [pretrained weights] -> [EMA copy] -> precision (FP8
+converters) -> freeze -> activation checkpointing -> compile. The EMA copy is taken before the converters so it stays
+plain weights."""
 import logging
 
 import torch
@@ -13,6 +14,7 @@ from ristretto.model.latte import Latte, latte_from_config
 from .checkpointing import apply_activation_checkpointing
 from .ema import EMA
 from .precision import Precision, apply_precision
+from .pretrained import apply_freeze, initialise_from_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +59,18 @@ def build_plain_model(config) -> Latte:
     return model
 
 
-def build_training_model(config, device: torch.device) -> tuple[nn.Module, EMA | None, Precision]:
-    """Model on `device` with every seam applied, its EMA (None when train.ema_decay = 0) and the precision plan."""
-    model = build_plain_model(config).to(device)
+def build_training_model(config, device: torch.device,
+                         pretrained: bool = True) -> tuple[nn.Module, EMA | None, Precision]:
+    """Model on `device` with every seam applied, its EMA (None when train.ema_decay = 0) and the precision plan.
+    `pretrained`: load model.init / model.init_spatial (a resumed run skips it: its checkpoint has the weights)."""
+    model = build_plain_model(config)
+    if pretrained:
+        initialise_from_pretrained(model, config)
+    model = model.to(device)
     train = config.train
     ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
     precision = apply_precision(model, train.precision, train.fp8_recipe)
+    apply_freeze(model, config.model.freeze)  # after the converters, which may replace parameters
     wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every)
     if wrapped:
         log.info("activation checkpointing %s: %d modules recompute in backward", train.checkpointing, wrapped)

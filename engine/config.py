@@ -58,6 +58,16 @@ class ModelConfig:
     """Latents are multiplied by this after encoding (SD VAE: 0.18215)."""
     text_encoder: str = "synthetic"
     """"synthetic" (built-in fixed word vectors, offline) or a transformers T5EncoderModel path / hub id."""
+    # --- pretrained start (engine/pretrained.py) ---
+    init: str = ""
+    """Start from these weights: a diffusers LatteTransformer3DModel folder (or a pipeline folder with transformer/),
+    or one of our run / weights / checkpoint / export folders. The model-shape fields above come from it; position
+    embeddings follow data.frames and data.resolution, which may differ from the pretrained model's."""
+    init_spatial: str = ""
+    """Start the spatial blocks, patch embedding, timestep and caption embedders and final layer from a diffusers
+    PixArtTransformer2DModel folder (PixArt-alpha / -Sigma); temporal blocks start as the identity."""
+    freeze: str = "none"
+    """none | spatial: train only the temporal blocks (everything else gets no gradient and no optimizer state)."""
 
 
 @dataclass
@@ -230,6 +240,7 @@ CHOICES = {
                                 "xformers"),
     "model.kernels": ("torch", "triton"),
     "model.patch_size": (1, 2, 4, 8),
+    "model.freeze": ("none", "spatial"),
     "data.kind": ("synthetic", "captioned", "class_folders", "cached"),
     "diffusion.schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "diffusion.prediction": ("epsilon", "v_prediction"),
@@ -431,6 +442,9 @@ def validate(config: RunConfig) -> RunConfig:
     if not 0.0 <= config.diffusion.high_noise_bias <= 1.0:
         raise ConfigError(f"diffusion.high_noise_bias: expected a probability in [0, 1], got "
                           f"{config.diffusion.high_noise_bias}")
+    if model.freeze != "none" and not (model.init or model.init_spatial):
+        raise ConfigError(f"model.freeze={model.freeze}: needs model.init or model.init_spatial (frozen random weights, "
+                          f"with the final layer starting at zero, would leave nothing to learn)")
     if data.num_images < 0:
         raise ConfigError(f"data.num_images: must be >= 0, got {data.num_images}")
     return config
@@ -441,6 +455,10 @@ def build_config(preset: str = "tiny-t2v", overrides: list[str] | None = None) -
     config = preset_config(preset)
     for assignment in overrides or []:
         apply_override(config, assignment)
+    if config.model.init or config.model.init_spatial:
+        from .pretrained import adopt_pretrained_fields  # noqa: PLC0415
+
+        adopt_pretrained_fields(config, {a.split("=", 1)[0].strip() for a in overrides or []})
     return validate(config)
 
 

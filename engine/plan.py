@@ -100,7 +100,8 @@ def parameter_counts(g: TokenGeometry) -> dict[str, int]:
     return {
         "patch_embed": d * g.channels * g.patch * g.patch + d,
         "conditioning": conditioning,
-        "blocks": 2 * g.depth * block + g.depth * cross,
+        "spatial blocks": g.depth * (block + cross),
+        "temporal blocks": g.depth * block,
         "final": final_modulation + linear(d, g.patch * g.patch * g.out_channels),
     }
 
@@ -273,7 +274,9 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None) 
     """Predict the peak memory of training `config` on one `device_type` device ("cuda" or "cpu")."""
     train, model = config.train, config.model
     g = token_geometry(config, batch)
-    params = sum(parameter_counts(g).values())
+    counts = parameter_counts(g)
+    params = sum(counts.values())
+    trainable = counts["temporal blocks"] if model.freeze == "spatial" else params  # gradients + AdamW state only here
     fp8_eligible = all(dim % 16 == 0 and dim >= 64 for dim in (g.hidden, g.mlp_hidden))
     saved = saved_bytes(train.precision, fp8_eligible)
     probabilities = attention_keeps_probabilities(model.attention_backend)
@@ -283,8 +286,8 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None) 
     per_block = [block_parts(g, spec, saved, probabilities, triton) for spec in specs]
     breakdown = {
         "weights (fp32 master)": FP32 * params,
-        "gradients (fp32)": FP32 * params,
-        "optimizer (AdamW m+v, fp32)": ADAMW_STATE_BYTES * params,
+        "gradients (fp32)": FP32 * trainable,
+        "optimizer (AdamW m+v, fp32)": ADAMW_STATE_BYTES * trainable,
         "ema (fp32 copy)": FP32 * params if train.ema_decay > 0 else 0,
         "encoders (frozen)": encoder_weight_bytes(config, device_type),
         "activations.spatial blocks": sum(sum(p.values()) for p, s in zip(per_block, specs) if s.spatial),
@@ -294,7 +297,7 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None) 
         "transient.recompute (one checkpointed unit)": recompute_bytes(g, specs, saved, probabilities, triton),
         "transient.gradients in flight": gradients_in_flight(g, saved),
         "transient.attention backward workspace": attention_workspace(g, saved, probabilities),
-        "optimizer step workspace": FP32 * params,  # foreach AdamW's denominators
+        "optimizer step workspace": FP32 * trainable,  # foreach AdamW's denominators
         "encode workspace (live VAE)": encode_workspace(config, g),
     }
     peak = peak_from(breakdown, train.grad_accum)

@@ -185,7 +185,8 @@ def lr_factor(step: int, train) -> float:
 
 
 def build_optimizer(model, train):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas),
+    trainable = [p for p in model.parameters() if p.requires_grad]  # model.freeze: no state for frozen weights
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=tuple(train.betas),
                                   weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
     return optimizer, scheduler
@@ -368,7 +369,7 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
     loader = build_loader(dataset, train_cfg.batch_size, sampler, config.data.num_workers, device)
     encoders = build_encoders(config, dataset, device)
     diffusion = Diffusion(config.diffusion)
-    model, ema, precision = build_training_model(config, device)
+    model, ema, precision = build_training_model(config, device, pretrained=resume is None)
     # The optimizer, EMA, checkpoints and sampling use `model`; forward + backward go through the DDP/FSDP module.
     train_model = apply_data_parallel(model, info, mixed_precision=train_cfg.precision != "fp32")
     if ema is not None:

@@ -56,19 +56,35 @@ def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers LatteTransformer3DModel state dict -> our text-to-video Latte state dict."""
+    out = top_level_from_diffusers(state)
+    for index in range(2 * diffusers_depth(state)):
+        out.update(block_from_diffusers(state, index, diffusers_block_prefix(index)))
+    return out
+
+
+def diffusers_depth(state: dict[str, torch.Tensor]) -> int:
+    """Number of (spatial) transformer_blocks in a diffusers Latte or PixArt state dict."""
+    return 1 + max(int(key.split(".")[1]) for key in state if key.startswith("transformer_blocks."))
+
+
+def top_level_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Patch embedding, timestep / caption embedders and final layer: the same keys in Latte-1 and PixArt-alpha."""
     out = {"final_layer.modulation.scale_shift_table": state["scale_shift_table"]}
     for ours, theirs in TOP_LEVEL:
         for suffix in ("weight", "bias"):
             out[f"{ours}.{suffix}"] = state[f"{theirs}.{suffix}"]
-    layers = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("transformer_blocks."))
-    for index in range(2 * layers):
-        prefix, theirs_prefix = f"blocks.{index}", diffusers_block_prefix(index)
-        out[f"{prefix}.modulation.scale_shift_table"] = state[f"{theirs_prefix}.scale_shift_table"]
-        for ours, parts in BLOCK:
-            if f"{theirs_prefix}.{parts[0]}.weight" not in state:
-                continue
-            for suffix in ("weight", "bias"):
-                out[f"{prefix}.{ours}.{suffix}"] = torch.cat([state[f"{theirs_prefix}.{p}.{suffix}"] for p in parts])
+    return out
+
+
+def block_from_diffusers(state: dict[str, torch.Tensor], index: int, theirs_prefix: str) -> dict[str, torch.Tensor]:
+    """Our blocks[index] from the diffusers block whose keys start with `theirs_prefix`."""
+    prefix = f"blocks.{index}"
+    out = {f"{prefix}.modulation.scale_shift_table": state[f"{theirs_prefix}.scale_shift_table"]}
+    for ours, parts in BLOCK:
+        if f"{theirs_prefix}.{parts[0]}.weight" not in state:
+            continue  # temporal blocks have no cross-attention
+        for suffix in ("weight", "bias"):
+            out[f"{prefix}.{ours}.{suffix}"] = torch.cat([state[f"{theirs_prefix}.{p}.{suffix}"] for p in parts])
     return out
 
 
@@ -90,15 +106,41 @@ def diffusers_config(model_config, frames: int, sample_size: int) -> dict:
 
 
 def model_fields_from_diffusers(config: dict) -> dict:
-    """ModelConfig fields for a diffusers LatteTransformer3DModel config; raises on settings we do not implement."""
+    """ModelConfig fields for a diffusers LatteTransformer3DModel or PixArtTransformer2DModel config (the same keys);
+    raises on settings we do not implement. A config we exported with zero sigma channels (engine/export.py) gives
+    learn_sigma=False."""
     expected = {"norm_type": "ada_norm_single", "activation_fn": "gelu-approximate", "norm_elementwise_affine": False,
                 "attention_bias": True}
     for key, value in expected.items():
-        if config.get(key) != value:
+        if config.get(key, value) != value:
             raise ValueError(f"diffusers config {key}={config.get(key)!r}: Ristretto's Latte needs {value!r}")
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    if config.get("cross_attention_dim") not in (None, heads * head_dim):
+        raise ValueError(f"diffusers config cross_attention_dim={config['cross_attention_dim']}: Ristretto's Latte "
+                         f"needs the model width {heads * head_dim}")
     out_channels = config.get("out_channels") or config["in_channels"]
+    padded = config.get("_ristretto", {}).get("zero_sigma_channels", False)
     return dict(kind="t2v", hidden_size=heads * head_dim, num_heads=heads, depth=config["num_layers"],
-                in_channels=config["in_channels"], learn_sigma=out_channels == 2 * config["in_channels"],
+                in_channels=config["in_channels"], learn_sigma=out_channels == 2 * config["in_channels"] and not padded,
                 patch_size=config["patch_size"], caption_channels=config["caption_channels"],
-                norm_eps=config["norm_eps"])
+                norm_eps=config.get("norm_eps", 1e-5), mlp_ratio=4.0, pooled_caption=False, caption_adaln=False)
+
+
+def add_zero_sigma_channels(state: dict[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:
+    """proj_out of a model without learned sigma, widened to 2x channels whose sigma half is zero: diffusers'
+    LattePipeline always keeps the first half of the output channels. Features are ordered (p, q, channel)."""
+    out = dict(state)
+    for suffix in ("weight", "bias"):
+        tensor = state[f"proj_out.{suffix}"]
+        per_position = tensor.reshape(-1, channels, *tensor.shape[1:])  # (p*p, C, ...)
+        out[f"proj_out.{suffix}"] = torch.cat([per_position, torch.zeros_like(per_position)], 1).flatten(0, 1)
+    return out
+
+
+def drop_zero_sigma_channels(state: dict[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:
+    """The inverse of add_zero_sigma_channels."""
+    out = dict(state)
+    for suffix in ("weight", "bias"):
+        tensor = state[f"proj_out.{suffix}"]
+        out[f"proj_out.{suffix}"] = tensor.reshape(-1, 2 * channels, *tensor.shape[1:])[:, :channels].flatten(0, 1)
+    return out

@@ -32,8 +32,8 @@ def test_training_updates_ema_once_per_step_and_samples_from_it(tmp_path, monkey
     real_build, real_update, real_sample = (train_module.build_training_model, EMA.update,
                                             train_module.sample_videos)
 
-    def spy_build(config, device):
-        model, ema, precision = real_build(config, device)
+    def spy_build(config, device, **kwargs):
+        model, ema, precision = real_build(config, device, **kwargs)
         built.update(model=model, ema=ema, start={k: v.clone() for k, v in ema.state_dict().items()})
         return model, ema, precision
 
@@ -72,8 +72,8 @@ def test_without_ema_samples_use_the_live_model(tmp_path, monkeypatch):
     sampled_with, built = [], {}
     real_build, real_sample = train_module.build_training_model, train_module.sample_videos
 
-    def spy_build(config, device):
-        built["model"], ema, precision = real_build(config, device)
+    def spy_build(config, device, **kwargs):
+        built["model"], ema, precision = real_build(config, device, **kwargs)
         assert ema is None
         return built["model"], ema, precision
 
