@@ -4,7 +4,10 @@ With no arguments: the tiny text-to-video preset on built-in synthetic clips, on
 """
 import sys
 
-from ristretto.engine.cli import main
-
 if __name__ == "__main__":
+    try:  # a Ctrl-C before main() has its own handlers (while Python imports it) is one line too
+        from ristretto.engine.cli import main
+    except KeyboardInterrupt:
+        print("error: interrupted by SIGINT during start-up; nothing was written", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

@@ -8,7 +8,8 @@ A checkpoint is a folder `<run>/checkpoints/step_<N>/`:
     manifest.json       step + sha256 of every file above; written last
 The folder is written under a temporary name (`.tmp-step_<N>-<pid>`), every file fsync'd, then renamed in one step:
 a kill during the write leaves only a temporary folder, which loading ignores and the next save removes. A checkpoint
-whose manifest is missing or whose files do not match their checksums is reported with its path and skipped.
+whose manifest is missing, whose files do not match their checksums, or which holds a .safetensors/.pt file
+the manifest does not list (it would be loaded unverified) is reported with its path and skipped.
 Nothing here unpickles: weights are safetensors, the rest goes through torch.load(weights_only=True).
 """
 from __future__ import annotations
@@ -135,12 +136,28 @@ def write_checkpoint_folder(final: Path, step: int, weights: dict[str, dict], tr
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Keep the newest checkpoint and `keep_last` older ones; remove leftovers of interrupted writes (called after
-    the new checkpoint is published, so no temporary folder is still in use: one run writes its checkpoints)."""
+    """Keep the newest checkpoint and `keep_last` older ones; remove leftovers of interrupted writes. Only finished
+    checkpoints and the leftovers of dead processes are touched: a `.tmp-*`/`.old-*` folder whose writer (the PID in
+    its name) is alive is someone's write in progress (the run lock makes that rare; this makes it harmless)."""
     for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
-    for old in list_checkpoints(root.parent)[: -(keep_last + 1)]:
+        if not writer_alive(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+    for old in list_checkpoints(root.parent)[: -(max(keep_last, 0) + 1)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def writer_alive(leftover: Path) -> bool:
+    """Whether the process named at the end of a temporary folder's name (`.tmp-step_N-<pid>`) still runs."""
+    pid = leftover.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -162,6 +179,11 @@ def verify_checkpoint(path: Path) -> dict:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"checkpoint {path}: no readable {MANIFEST} ({error})") from None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} has no file list")
+    unlisted = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pt") and p.name not in files)
+    if unlisted:  # a file the loader would read without a checksum (e.g. ema.safetensors dropped from the list)
+        raise CheckpointError(f"checkpoint {path}: {unlisted[0]} is not in {MANIFEST} (unverified file)")
     for name, expected in files.items():
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")

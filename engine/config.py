@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -178,7 +179,7 @@ class TrainConfig:
     ckpt_every: int = 0
     """Write a checkpoint every this many steps (0 = only at the end)."""
     keep_last: int = 2
-    """How many old checkpoints to keep."""
+    """How many old checkpoints to keep next to the newest (>= 1: a damaged newest one always has a fallback)."""
     max_bad_steps: int = 5
     """Stop after this many optimizer steps in a row with a NaN/inf loss or gradient."""
 
@@ -447,7 +448,53 @@ def validate(config: RunConfig) -> RunConfig:
                           f"with the final layer starting at zero, would leave nothing to learn)")
     if data.num_images < 0:
         raise ConfigError(f"data.num_images: must be >= 0, got {data.num_images}")
+    validate_numbers(config)
     return config
+
+
+# Fields that must be >= 0 (0 meaning "off" or "none" where the docstring says so).
+NON_NEGATIVE = ("train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.sample_every",
+                "train.ckpt_every", "data.num_workers", "sample.quality_seeds", "profile.steps")
+# Fields that must be > 0, beyond the integer sizes of POSITIVE.
+POSITIVE_NUMBERS = ("train.lr", "model.mlp_ratio", "model.norm_eps", "model.vae_scaling_factor", "sample.num_samples",
+                    "sample.fps", "train.keep_last")
+
+
+def float_fields(obj, prefix: str = ""):
+    """(dotted key, value) of every float (and list-of-float item) in the config tree."""
+    for item in dataclasses.fields(obj):
+        value, key = getattr(obj, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            yield from float_fields(value, f"{key}.")
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, list):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+
+
+def validate_numbers(config: RunConfig) -> None:
+    """Finite numbers everywhere, and the optimizer, sampler and checkpoint values in range: found here, before a
+    run starts, instead of as NaN weights, black samples or a crash after training steps."""
+    for key, value in float_fields(config):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+    for key in NON_NEGATIVE:
+        if get_value(config, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {get_value(config, key)}")
+    for key in POSITIVE_NUMBERS:
+        if get_value(config, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {get_value(config, key)}")
+    train, diffusion = config.train, config.diffusion
+    if len(train.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in train.betas):
+        raise ConfigError(f"train.betas: expected two values in [0, 1) (AdamW's beta1, beta2), got {train.betas}")
+    if diffusion.sample_steps > diffusion.num_train_timesteps:
+        raise ConfigError(f"diffusion.sample_steps: {diffusion.sample_steps} is more than the schedule's "
+                          f"diffusion.num_train_timesteps={diffusion.num_train_timesteps}")
+    if not 0.0 < diffusion.beta_start < diffusion.beta_end < 1.0:
+        raise ConfigError(f"diffusion.beta_start, beta_end: expected 0 < beta_start < beta_end < 1, got "
+                          f"{diffusion.beta_start}, {diffusion.beta_end}")
+    if not 0.0 <= config.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction: expected a fraction in [0, 1], got {config.data.max_bad_fraction}")
 
 
 def build_config(preset: str = "tiny-t2v", overrides: list[str] | None = None) -> RunConfig:
@@ -466,10 +513,15 @@ def config_to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+RESUMES_KEY = "resumes"  # config.json's history of resumes and what each changed (engine/train.write_run_config)
+
+
 def config_from_dict(values: dict) -> RunConfig:
     """Rebuild a RunConfig from `config_to_dict` output (e.g. a run's config.json); unknown keys raise ConfigError."""
     config = RunConfig()
     for section, fields in values.items():
+        if section == RESUMES_KEY:
+            continue
         if not isinstance(fields, dict):
             apply_override(config, f"{section}={fields}") if section != "preset" else setattr(config, "preset", fields)
             continue
