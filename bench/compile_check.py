@@ -65,10 +65,10 @@ SIZES = (Size("latte-xl2-16x256", frames=16, latent_side=32), Size("latte1-16x51
 # The dtypes the training paths hand each op: bf16 autocast keeps the residual stream and the patch embedding
 # (a custom autograd.Function autocast does not cast) in fp32 while branches (attention / MLP / modulation linears)
 # come out bf16; the memory-lean path keeps everything bf16; fp32 training keeps everything fp32.
-PRECISIONS = {
-    "fp32-residual": dict(stream=torch.float32, branch=torch.bfloat16),
-    "bf16": dict(stream=torch.bfloat16, branch=torch.bfloat16),
-    "fp32": dict(stream=torch.float32, branch=torch.float32),
+PRECISIONS = {  # forwards of fp32-residual run under bf16 autocast, as training does (ops pick their output dtype)
+    "fp32-residual": dict(stream=torch.float32, branch=torch.bfloat16, autocast=True),
+    "bf16": dict(stream=torch.bfloat16, branch=torch.bfloat16, autocast=False),
+    "fp32": dict(stream=torch.float32, branch=torch.float32, autocast=False),
 }
 
 
@@ -76,19 +76,22 @@ def _leaf(*shape, dtype):
     return torch.randn(*shape, dtype=dtype).requires_grad_()
 
 
-def _forward_backward(outputs):
+def _forward_backward(forward, autocast: bool):
+    """forward() (under bf16 autocast when asked, as the training forward is), then backward outside it."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        outputs = forward()
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
 
 
-def case_patch_embed(size: Size, stream, branch):
+def case_patch_embed(size: Size, stream, branch, autocast):
     from ristretto.kernels.patch_embed import patch_embed  # noqa: PLC0415 - kernels import triton
 
     frames = size.batch * size.frames
     x = _leaf(frames, size.channels, size.latent_side, size.latent_side, dtype=stream)
     weight = _leaf(size.width, size.channels, size.patch, size.patch, dtype=stream)
-    _forward_backward(patch_embed(x, weight, _leaf(size.width, dtype=stream),
-                                  torch.randn(size.tokens, size.width, dtype=stream), size.patch))
+    bias, pos = _leaf(size.width, dtype=stream), torch.randn(size.tokens, size.width, dtype=stream)
+    _forward_backward(lambda: patch_embed(x, weight, bias, pos, size.patch), autocast)
 
 
 def _layouts(size: Size):
@@ -96,22 +99,23 @@ def _layouts(size: Size):
     return [(size.batch * size.frames, size.tokens), (size.batch * size.tokens, size.frames)]
 
 
-def case_layernorm_modulate(size: Size, stream, branch):
+def case_layernorm_modulate(size: Size, stream, branch, autocast):
     from ristretto.kernels.layernorm_modulate import layernorm_modulate  # noqa: PLC0415
 
     for n, s in _layouts(size):
         shift, scale = (_leaf(size.batch, size.width, dtype=branch) for _ in range(2))
-        _forward_backward(layernorm_modulate(_leaf(n, s, size.width, dtype=stream), shift, scale))
+        x = _leaf(n, s, size.width, dtype=stream)
+        _forward_backward(lambda: layernorm_modulate(x, shift, scale), autocast)
 
 
-def case_gate_residual(size: Size, stream, branch):
+def case_gate_residual(size: Size, stream, branch, autocast):
     from ristretto.kernels.gate_residual import gate_residual, gate_residual_layernorm_modulate  # noqa: PLC0415
 
     for n, s in _layouts(size):
         residual, y = _leaf(n, s, size.width, dtype=stream), _leaf(n, s, size.width, dtype=branch)
         gate, shift, scale = (_leaf(size.batch, size.width, dtype=branch) for _ in range(3))
-        _forward_backward(gate_residual(residual, gate, y))
-        _forward_backward(gate_residual_layernorm_modulate(residual, gate, y, shift, scale))
+        _forward_backward(lambda: gate_residual(residual, gate, y), autocast)
+        _forward_backward(lambda: gate_residual_layernorm_modulate(residual, gate, y, shift, scale), autocast)
 
 
 # op -> a function running that op's forward and backward at one size and precision. A new kernel file adds its case.

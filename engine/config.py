@@ -163,9 +163,17 @@ class TrainConfig:
     fp8_recipe: str = "default"
     """FP8 scaling recipe: default (delayed for TE, tensorwise for torchao) | delayed | current | mxfp8 | block | tensorwise | rowwise."""
     checkpointing: str = "none"
-    """Activation checkpointing: none | full | every-k | selective-mlp | selective-attention."""
+    """Activation checkpointing: none | full | every-k | selective-mlp | selective-attention | auto (the planner
+    picks per block what to recompute - nothing, the MLP, the attention or the whole block - so the plan fits
+    train.memory_budget_gb with the least recompute FLOPs)."""
     checkpointing_every: int = 2
     """For checkpointing=every-k: checkpoint every k-th block."""
+    memory_budget_gb: float = 0.0
+    """GiB that checkpointing=auto plans to fit (0 = the GPU's memory; give a number to plan on a CPU)."""
+    residual_dtype: str = "bf16"
+    """dtype of the residual stream between blocks under bf16/fp8 precision: bf16 (default: half the bytes of every
+    kept block input; tiny-t2v bf16 losses equal fp32's within seed noise, docs/memory.md) | fp32. fp32 precision
+    always keeps an fp32 residual."""
     compile: bool = False
     """torch.compile each block."""
     seed: int = 0
@@ -250,7 +258,8 @@ CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16", "fp8-te", "fp8-ao"),
     "train.fp8_recipe": ("default", "delayed", "current", "mxfp8", "block", "tensorwise", "rowwise"),
-    "train.checkpointing": ("none", "full", "every-k", "selective-mlp", "selective-attention"),
+    "train.checkpointing": ("none", "full", "every-k", "selective-mlp", "selective-attention", "auto"),
+    "train.residual_dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "dist.strategy": ("auto", "none", "ddp", "fsdp"),
 }
@@ -443,6 +452,8 @@ def validate(config: RunConfig) -> RunConfig:
     if not 0.0 <= config.diffusion.high_noise_bias <= 1.0:
         raise ConfigError(f"diffusion.high_noise_bias: expected a probability in [0, 1], got "
                           f"{config.diffusion.high_noise_bias}")
+    if train.memory_budget_gb < 0:
+        raise ConfigError(f"train.memory_budget_gb: must be >= 0 (0 = the GPU's memory), got {train.memory_budget_gb}")
     if model.freeze != "none" and not (model.init or model.init_spatial):
         raise ConfigError(f"model.freeze={model.freeze}: needs model.init or model.init_spatial (frozen random weights, "
                           f"with the final layer starting at zero, would leave nothing to learn)")
