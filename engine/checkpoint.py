@@ -3,6 +3,8 @@
 A checkpoint is a folder `<run>/checkpoints/step_<N>/`:
     model.safetensors   live weights (plain: the same keys whatever the precision)
     ema.safetensors     EMA weights (when the run keeps an EMA)
+    fp8_state.safetensors  fp8-te delayed scaling's per-module scales and amax histories (precision.fp8_scaling_state),
+                        so a resumed FP8 run quantises exactly as the uninterrupted one (absent for other precisions)
     state.pt            optimizer, LR scheduler, TrainState, RNG states (torch, CUDA, numpy, python), data position,
                         the run config; plain containers and tensors only, loaded with torch.load(weights_only=True)
     manifest.json       step + sha256 of every file above; written last
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .precision import fp8_scaling_state, load_fp8_scaling_state
 from .weights import plain_state
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,24 @@ WRITE_DELAY_ENV = "RISTRETTO_TEST_CHECKPOINT_WRITE_DELAY"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: names its path and what is wrong."""
+
+
+FP8_STATE = "fp8_state"  # fp8_state.safetensors, and its key in load_distributed's returned dict
+
+
+def restore_fp8_state(state: dict[str, torch.Tensor] | None, model, precision) -> None:
+    """Put a checkpoint's FP8 scaling state back into `model` (unwrapped) when this run keeps one: without it TE
+    would restart from scale 1 and an empty amax history, and small weights would underflow in e4m3 for a while."""
+    keeps_state = precision.te_recipe is not None and precision.recipe == "delayed"
+    if keeps_state and state:
+        restored = load_fp8_scaling_state(model, state, precision.te_recipe)
+        log.info("FP8 scaling state restored for %d Transformer Engine linears", restored)
+    elif keeps_state:
+        log.warning("the checkpoint holds no FP8 scaling state (written by another precision or recipe): FP8 scales "
+                    "restart from 1 and recalibrate over the first steps")
+    elif state:
+        log.info("the checkpoint's FP8 scaling state is not used by train.precision=%s (recipe %s)",
+                 precision.name, precision.recipe)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -100,6 +121,7 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, training_state: dict, 
     keep_last: how many older checkpoints survive next to the new one.
     """
     weights = {"model": plain_state(model)} | ({"ema": plain_state(ema.model)} if ema is not None else {})
+    weights |= {FP8_STATE: fp8} if (fp8 := fp8_scaling_state(model)) else {}
     final = write_checkpoint_folder(checkpoint_dir(run_dir, step), step, weights, training_state)
     prune_checkpoints(final.parent, keep_last)
     return final

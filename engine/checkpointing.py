@@ -4,7 +4,14 @@ Modes: none | full (every block) | every-k (every k-th block) | selective-mlp (k
 MLP) | selective-attention (keep MLP activations, recompute attention) | auto (a choice per block from
 BLOCK_CHOICES, made by the memory planner: engine/plan.py `auto_choices`). The wrapped module stays in place (its
 forward is replaced on the instance), so parameter names and state dicts are unchanged.
+
+Recompute runs in backward, outside the forward's contexts. torch's checkpoint restores torch.autocast itself; FP8
+contexts it does not know (Transformer Engine's) come back through the `checkpoint_fn` the precision supplies
+(engine/precision.Precision.checkpoint_function: TE's checkpoint), whichever modules a mode picks.
 """
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -14,14 +21,16 @@ AUTO = "auto"
 BLOCK_CHOICES = ("none", "mlp", "attention", "full")  # what `auto` may recompute in one block
 
 
-def checkpoint_module(module: nn.Module) -> None:
-    """Recompute `module`'s forward during backward instead of saving its activations."""
+def checkpoint_module(module: nn.Module, checkpoint_fn: Callable | None = None) -> None:
+    """Recompute `module`'s forward during backward instead of saving its activations. `checkpoint_fn(function,
+    *args, **kwargs)` replaces torch's non-reentrant checkpoint (fp8-te: TE's, which re-enters the FP8 context)."""
     forward = module.forward
+    recompute = checkpoint_fn or partial(checkpoint, use_reentrant=False)
 
     def checkpointed_forward(*args, **kwargs):
         if not torch.is_grad_enabled():  # sampling: nothing to save, nothing to recompute
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return recompute(forward, *args, **kwargs)
 
     module.forward = checkpointed_forward
 
@@ -62,9 +71,10 @@ def modules_to_checkpoint(model: nn.Module, mode: str, every: int = 2,
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2,
-                                   choices: list[str] | None = None) -> int:
-    """Wrap the modules `mode` (and for `auto` the per-block `choices`) names; returns how many were wrapped."""
+                                   choices: list[str] | None = None, checkpoint_fn: Callable | None = None) -> int:
+    """Wrap the modules `mode` (and for `auto` the per-block `choices`) names, recomputing through `checkpoint_fn`
+    (see checkpoint_module); returns how many were wrapped."""
     modules = modules_to_checkpoint(model, mode, every, choices)
     for module in modules:
-        checkpoint_module(module)
+        checkpoint_module(module, checkpoint_fn)
     return len(modules)

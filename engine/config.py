@@ -162,6 +162,10 @@ class TrainConfig:
     """fp32 | bf16 | fp8-te | fp8-ao."""
     fp8_recipe: str = "default"
     """FP8 scaling recipe: default (delayed for TE, tensorwise for torchao) | delayed | current | mxfp8 | block | tensorwise | rowwise."""
+    fp8_emulate: bool = False
+    """fp8-ao only: torchao's emulated float8 (Float8LinearConfig(emulate=True)), which runs on CPU. For numerics checks
+    (docs/precision.md's loss parity): no speed-up, and it converts every linear the FP8 shape rule allows, ignoring
+    the rule's pays-off threshold (there is no FP8 GEMM to pay for)."""
     checkpointing: str = "none"
     """Activation checkpointing: none | full | every-k | selective-mlp | selective-attention | auto (the planner
     picks per block what to recompute - nothing, the MLP, the attention or the whole block - so the plan fits
@@ -449,6 +453,15 @@ def validate(config: RunConfig) -> RunConfig:
     if train.precision == "fp8-te" and train.fp8_recipe in ("default", "delayed") and train.compile:
         raise ConfigError("train.compile: Transformer Engine's delayed-scaling FP8 recipe does not run under "
                           "torch.compile; use train.fp8_recipe=current, or train.compile=false")
+    if train.fp8_emulate and train.precision != "fp8-ao":
+        raise ConfigError(f"train.fp8_emulate: only torchao emulates float8; needs train.precision=fp8-ao, got "
+                          f"{train.precision}")
+    if train.precision == "fp8-ao" and not train.compile and not train.fp8_emulate:
+        # torchao's float8 training is built on torch.compile, which fuses its amax and cast passes; eagerly they are
+        # separate memory passes the FP8 GEMM does not repay (torchao docs; docs/precision.md).
+        raise ConfigError("train.precision=fp8-ao needs train.compile=true: eager torchao float8 is slower than bf16 "
+                          "(its amax and cast kernels only fuse under torch.compile); set train.compile=true or "
+                          "train.precision=bf16")
     if not 0.0 <= config.diffusion.high_noise_bias <= 1.0:
         raise ConfigError(f"diffusion.high_noise_bias: expected a probability in [0, 1], got "
                           f"{config.diffusion.high_noise_bias}")

@@ -26,8 +26,10 @@ peak = persistent + max(backward phase, optimizer step, live encoding); `require
 fragmentation margin (2% with expandable segments, which train.py turns on unless PYTORCH_CUDA_ALLOC_CONF is set;
 5% without), which torch.cuda.max_memory_allocated does not see.
 
-Approximations (checked on GPU by bench/memory.py, not on CPU): FP8 (fp8-te keeps fp8 copies of block linear inputs
-and weights; fp8-ao's Float8Linear keeps bf16 ones, so it is planned as bf16), torch.compile (inductor usually saves
+Approximations (checked on GPU by bench/memory.py, not on CPU): FP8 (when engine/precision's FP8 rule converts the
+block linears, fp8-te keeps for backward only the transposed (column-wise) FP8 copy of each input, and both the
+row-wise and the transposed FP8 copy of each weight (TE module/linear.py on Hopper); fp8-ao's Float8Linear keeps bf16
+ones, so it is planned as bf16), torch.compile (inductor usually saves
 less: the plan is then an upper bound), DDP/FSDP (not modelled: single-process memory).
 
 Use from train.py: `log.info("\\n%s", predict_memory(config).format())`.
@@ -42,6 +44,7 @@ import torch
 
 from .checkpointing import AUTO, BLOCK_CHOICES, CHECKPOINTING_MODES
 from .config import PRESETS, ConfigError, build_config
+from .precision import fp8_rule_text, fp8_shape_pays_off
 from .flops import TIMESTEP_FEATURES, TokenGeometry, block_flops, model_flops, recompute_flops, token_geometry
 
 GIB = 2**30
@@ -79,10 +82,18 @@ class SavedBytes:
 def saved_bytes(precision: str, fp8_eligible: bool, residual_dtype: str = "fp32") -> SavedBytes:
     if precision == "fp32":
         return SavedBytes(FP32, FP32, FP32, 0, 0)
-    fp8_copies = 1 if precision == "fp8-te" and fp8_eligible else 2
     residual = 2 if residual_dtype == "bf16" else FP32
     fp8 = precision.startswith("fp8") and fp8_eligible
-    return SavedBytes(2, fp8_copies, 2, 2, fp8_copies, residual, fp8)
+    # fp8-te keeps a block linear's input as its transposed FP8 copy only, its weight as row-wise + transposed copies
+    te_input = 1 if precision == "fp8-te" and fp8_eligible else 2
+    return SavedBytes(2, te_input, 2, 2, 2, residual, fp8)
+
+
+def fp8_block_linears(g: TokenGeometry) -> bool:
+    """Whether engine/precision's FP8 rule converts the block linears (qkv, proj, fc1, fc2) at this geometry."""
+    rows = g.batch * (g.frames + g.images) * g.tokens_per_frame
+    shapes = [(g.hidden, 3 * g.hidden), (g.hidden, g.hidden), (g.hidden, g.mlp_hidden), (g.mlp_hidden, g.hidden)]
+    return all(fp8_shape_pays_off(k, n, rows) for k, n in shapes)
 
 
 def math_attention_bytes(out: int) -> int:
@@ -275,7 +286,7 @@ class MemoryPlan:
                  f"({s['tokens_per_frame']} tokens/frame), {s['precision']} (residual {s['residual']}), kernels "
                  f"{s['kernels']}, checkpointing {s['checkpointing']}, attention {s['attention']}, "
                  f"{s['parameters'] / 1e6:.1f}M parameters")
-        lines = [title, f"{'':<48}{'GiB':>9}"]
+        lines = [title] + ([s["fp8"]] if s.get("fp8") else []) + [f"{'':<48}{'GiB':>9}"]
 
         def add(label: str, value: int, indent: bool = False) -> None:
             lines.append(f"{'  ' * indent + label:<48}{value / GIB:>9.3f}")
@@ -309,7 +320,7 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None, 
     counts = parameter_counts(g)
     params = sum(counts.values())
     trainable = counts["temporal blocks"] if model.freeze == "spatial" else params  # gradients + AdamW state only here
-    fp8_eligible = all(dim % 16 == 0 and dim >= 64 for dim in (g.hidden, g.mlp_hidden))
+    fp8_eligible = fp8_block_linears(g)
     saved = saved_bytes(train.precision, fp8_eligible, train.residual_dtype)
     probabilities = attention_keeps_probabilities(model.attention_backend)
     triton = model.kernels == "triton"
@@ -341,7 +352,9 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None, 
     summary = dict(preset=config.preset, batch=g.batch, frames=g.frames, resolution=config.data.resolution,
                    tokens_per_frame=g.tokens_per_frame, precision=train.precision, checkpointing=train.checkpointing,
                    attention=model.attention_backend, parameters=params, device_type=device_type,
-                   residual=train.residual_dtype, kernels=model.kernels)
+                   residual=train.residual_dtype, kernels=model.kernels,
+                   fp8=(f"{'block linears in FP8' if fp8_eligible else 'block linears stay bf16'} ({fp8_rule_text()})"
+                        if train.precision.startswith("fp8") else ""))
     return MemoryPlan(breakdown, peak, required, block_table, summary, choices)
 
 

@@ -27,7 +27,7 @@ def check_environment(config, device: torch.device) -> None:
         log.warning("test hook: pausing set-up for %s s", os.environ[SETUP_DELAY_ENV])
         time.sleep(float(os.environ[SETUP_DELAY_ENV]))
     precision, kernels = config.train.precision, config.model.kernels
-    if precision in FP8_BACKENDS:
+    if precision in FP8_BACKENDS and not config.train.fp8_emulate:  # torchao's emulation runs on any device
         if device.type != "cuda":
             raise ConfigError(f"train.precision={precision}: FP8 training needs an Ada/Hopper or newer CUDA GPU; this "
                               f"run is on {device.type}: use train.precision=bf16 or fp32")

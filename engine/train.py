@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from .build import build_plain_model, build_training_model, latent_geometry
-from .checkpoint import CheckpointError, checkpoint_dir, prune_checkpoints, rng_state, set_rng_state
+from .checkpoint import (FP8_STATE, CheckpointError, checkpoint_dir, prune_checkpoints, restore_fp8_state, rng_state,
+                         set_rng_state)
 from .config import RESUMES_KEY, config_to_dict
 from .datasets import build_dataset, build_loader
 from .diffusion import Diffusion
@@ -40,7 +41,7 @@ from .sample import sample_videos, validation_prompts, write_samples
 from .distributed import (DistInfo, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
                           barrier, destroy_distributed, export_weights, first_sample_index, global_batch_size,
                           global_data_state, init_distributed, is_main, load_distributed, local_data_state,
-                          plain_module_on_main, save_distributed, sync_context)
+                          plain_module_on_main, save_distributed, sync_context, amax_reduction_group)
 from .sampler import ResumableSampler
 from .text_encoder import build_text_encoder
 from .vae import build_vae
@@ -167,7 +168,8 @@ def accumulate_gradients(model, batches, encoders, diffusion, precision, state, 
         drop = caption_dropout_mask(latents.shape[0], first_index, train_cfg.seed, train_cfg.cfg_dropout)
         conditions = drop_conditions(conditions, drop, encoders, config)
         # DDP/FSDP reduce gradients in backward; only the last micro-batch needs it (nanoGPT's require_backward_grad_sync)
-        with sync_context(model, micro == train_cfg.grad_accum - 1):
+        # precision.microbatch: fp8-te casts the weights to FP8 on the first micro-batch only (is_first_microbatch)
+        with sync_context(model, micro == train_cfg.grad_accum - 1), precision.microbatch(micro):
             loss = micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config)
             # Each micro-batch mean / grad_accum: the summed gradients are the mean over the whole step's samples.
             (loss / train_cfg.grad_accum).backward()
@@ -346,11 +348,14 @@ def write_checkpoint(run_dir, model, ema, optimizer, scheduler, loader, state: T
 
 
 def resume_from(path: Path, run_dir: Path, model, ema, optimizer, scheduler, loader, info: DistInfo,
-                train_cfg=None) -> TrainState:
+                train_cfg=None, precision=None) -> TrainState:
     """Load checkpoint `path` (written by any number of ranks) into the built run; cut metrics.jsonl to its step.
-    The optimizer fields of `train_cfg` (this run's config) replace the saved ones (apply_optimizer_fields)."""
+    The optimizer fields of `train_cfg` (this run's config) replace the saved ones (apply_optimizer_fields);
+    `precision`'s FP8 scaling state (fp8-te delayed) comes back from the checkpoint's fp8_state.safetensors."""
     try:
         saved = load_distributed(path, model, optimizer, ema.model if ema is not None else None, info)
+        if precision is not None:
+            restore_fp8_state(saved.pop(FP8_STATE, None), model, precision)
         scheduler.load_state_dict(saved["scheduler"])
         if train_cfg is not None:
             apply_optimizer_fields(optimizer, scheduler, train_cfg)
@@ -447,6 +452,7 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo, o
     diffusion = Diffusion(config.diffusion)
     check_sampling(config, diffusion)
     model, ema, precision = build_training_model(config, device, pretrained=resume is None)
+    precision.fp8_group = amax_reduction_group(info)
     # The optimizer, EMA, checkpoints and sampling use `model`; forward + backward go through the DDP/FSDP module.
     train_model = apply_data_parallel(model, info, mixed_precision=train_cfg.precision != "fp32")
     if ema is not None:
@@ -454,7 +460,7 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo, o
     optimizer, scheduler = build_optimizer(model, train_cfg)
     state = TrainState()
     if resume is not None:
-        state = resume_from(resume, run_dir, model, ema, optimizer, scheduler, loader, info, train_cfg)
+        state = resume_from(resume, run_dir, model, ema, optimizer, scheduler, loader, info, train_cfg, precision)
     if on_start is not None:
         on_start()
     resume_entry = {}
