@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ristretto.kernels.attention import attention_backend
+from ristretto.model.attention import TemporalAttentionFn, attention_in_spatial_layout, attention_over_frames
 from ristretto.kernels.registry import kernel_set
 from ristretto.model.latte import Latte, latte_from_config
 
@@ -27,12 +28,28 @@ def apply_kernels(model: nn.Module, name: str) -> None:
             module.kernels = kernels
 
 
-def apply_attention_backend(model: nn.Module, name: str) -> None:
-    """Point every attention module at the chosen backend's attention function."""
+def temporal_attention_backend(name: str, attention_fn) -> TemporalAttentionFn:
+    """model.temporal_attention: the Triton kernel (reads q, k, v and writes its output in the spatial layout) or
+    `attention_fn` on frame sequences (q, k, v copied in, the projected output copied back)."""
+    if name == "triton":
+        from ristretto.kernels.temporal_attention import temporal_attention  # noqa: PLC0415 - Triton on demand
+
+        return attention_in_spatial_layout(temporal_attention)
+    if name == "attention_backend":
+        return attention_over_frames(attention_fn)
+    raise ValueError(f"model.temporal_attention: unknown {name!r}; expected 'attention_backend' or 'triton'")
+
+
+def apply_attention_backend(model: nn.Module, name: str, temporal: str = "attention_backend") -> None:
+    """Point every attention module at the chosen backend's attention function, and temporal attention modules at
+    the chosen temporal attention."""
     attention_fn = attention_backend(name)
+    temporal_fn = temporal_attention_backend(temporal, attention_fn)
     for module in model.modules():
         if hasattr(module, "attention_fn"):
             module.attention_fn = attention_fn
+        if hasattr(module, "temporal_attention_fn"):
+            module.temporal_attention_fn = temporal_fn
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,7 +72,7 @@ def build_plain_model(config) -> Latte:
     _, sample_size = latent_geometry(config)
     model = latte_from_config(config.model, config.data.frames, sample_size)
     apply_kernels(model, config.model.kernels)
-    apply_attention_backend(model, config.model.attention_backend)
+    apply_attention_backend(model, config.model.attention_backend, config.model.temporal_attention)
     return model
 
 

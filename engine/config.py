@@ -51,6 +51,10 @@ class ModelConfig:
     lets small models turn caption words into layout and motion (docs/proof.md)."""
     attention_backend: str = "sdpa"
     """sdpa | sdpa-flash | sdpa-cudnn | sdpa-efficient | sdpa-math | fa4 | fa3 | fa2 | xformers."""
+    temporal_attention: str = "attention_backend"
+    """Attention across frames: "attention_backend" (model.attention_backend on q, k, v copied into [B*S, F] frame
+    sequences) or "triton" (kernels/temporal_attention.py: reads them in place, no copies). The default stays
+    attention_backend until the Triton kernel is measured faster on a GPU (bench/attention.py)."""
     kernels: str = "torch"
     """Fused ops: "triton" (Triton kernels) or "torch" (the pure-torch reference)."""
     vae: str = "identity"
@@ -252,6 +256,7 @@ CHOICES = {
     "model.attention_backend": ("sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "fa4", "fa3", "fa2",
                                 "xformers"),
     "model.kernels": ("torch", "triton"),
+    "model.temporal_attention": ("attention_backend", "triton"),
     "model.patch_size": (1, 2, 4, 8),
     "model.freeze": ("none", "spatial"),
     "data.kind": ("synthetic", "captioned", "class_folders", "cached"),
@@ -472,6 +477,9 @@ def validate(config: RunConfig) -> RunConfig:
                           f"with the final layer starting at zero, would leave nothing to learn)")
     if data.num_images < 0:
         raise ConfigError(f"data.num_images: must be >= 0, got {data.num_images}")
+    if model.temporal_attention == "triton" and data.frames > 64:  # kernels/temporal_attention.MAX_FRAMES
+        raise ConfigError(f"model.temporal_attention: the Triton kernel attends over at most 64 frames, got "
+                          f"data.frames={data.frames}; use model.temporal_attention=attention_backend")
     validate_numbers(config)
     return config
 
