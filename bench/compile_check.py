@@ -53,6 +53,7 @@ class Size:
     width: int = 1152
     channels: int = 4
     patch: int = 2
+    head_dim: int = 72
     batch: int = 1  # launch configurations depend on the width, not the batch; 1 keeps the CPU tensors small
 
     @property
@@ -118,11 +119,20 @@ def case_gate_residual(size: Size, stream, branch, autocast):
         _forward_backward(lambda: gate_residual_layernorm_modulate(residual, gate, y, shift, scale), autocast)
 
 
+def case_temporal_attention(size: Size, stream, branch, autocast):
+    from ristretto.kernels.temporal_attention import temporal_attention  # noqa: PLC0415
+
+    heads = size.width // size.head_dim  # qkv comes out of a linear: the branch dtype
+    qkv = _leaf(size.batch * size.frames, size.tokens, 3, heads, size.head_dim, dtype=branch)
+    _forward_backward(lambda: temporal_attention(qkv, size.frames), autocast)
+
+
 # op -> a function running that op's forward and backward at one size and precision. A new kernel file adds its case.
 CASES = {
     "patch_embed": case_patch_embed,
     "layernorm_modulate": case_layernorm_modulate,
     "gate_residual": case_gate_residual,
+    "temporal_attention": case_temporal_attention,
 }
 
 
