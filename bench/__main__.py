@@ -8,6 +8,8 @@ BENCHMARKS = {
     "step": "one training step: ours vs diffusers LatteTransformer3DModel (samples/s, MFU, peak memory)",
     "memory": "peak memory vs the planner's prediction; largest batch per checkpointing mode",
     "quality": "score a run's samples on the synthetic task (colour / direction / shape accuracy)",
+    "suite": "every GPU check in one call under a time budget (environment, gpu tests, benches, parity)",
+    "compile_check": "compile every Triton kernel for sm_90a on the CPU: registers, spills, smem, tensor cores",
 }
 
 
