@@ -9,6 +9,8 @@ BENCHMARKS = {
     "loader": "clips/s out of the training DataLoader vs what the step consumes",
     "memory": "peak memory vs the planner's prediction; largest batch per checkpointing mode",
     "quality": "score a run's samples on the synthetic task (colour / direction / shape accuracy)",
+    "suite": "every GPU check in one call under a time budget (environment, gpu tests, benches, parity)",
+    "compile_check": "compile every Triton kernel for sm_90a on the CPU: registers, spills, smem, tensor cores",
 }
 
 
