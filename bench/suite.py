@@ -143,7 +143,7 @@ PARTS = [
     Part("step", "train step at Latte-XL/2 16x256^2 and Latte-1 16x512^2: ours eager/compile/triton/fp8-ao vs "
                  "diffusers", 150,
          gpu=[_bench("step", "--configs", "xl2-t2v,t2v512", "--checkpointing", "full", "--steps", "5",
-                     "--out", "{out}/eager"),
+                     "--variants", "eager,diffusers", "--out", "{out}/eager"),
               _bench("step", "--configs", "xl2-t2v,t2v512", "--checkpointing", "full", "--steps", "5",
                      "--kernels", "triton", "--out", "{out}/triton"),
               _bench("step", "--configs", "xl2-t2v", "--checkpointing", "full", "--steps", "5", "--compile",
