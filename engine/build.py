@@ -32,7 +32,8 @@ def temporal_attention_backend(name: str, attention_fn) -> TemporalAttentionFn:
     """model.temporal_attention: the Triton kernel (reads q, k, v and writes its output in the spatial layout) or
     `attention_fn` on frame sequences (q, k, v copied in, the projected output copied back)."""
     if name == "triton":
-        from ristretto.kernels.temporal_attention import temporal_attention  # noqa: PLC0415 - Triton on demand
+        # the registered custom op (kernels/custom_ops.py): opaque to torch.compile, no graph break
+        from ristretto.kernels.custom_ops import temporal_attention  # noqa: PLC0415 - Triton on demand
 
         return attention_in_spatial_layout(temporal_attention)
     if name == "attention_backend":
@@ -97,7 +98,8 @@ def build_training_model(config, device: torch.device,
         initialise_from_pretrained(model, config)
     model = model.to(device)
     train = config.train
-    ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
+    ema = (EMA(model, train.ema_decay, train.ema_warmup, every=train.ema_every,
+               device="cpu" if train.ema_on_cpu else None) if train.ema_decay > 0 else None)
     precision = apply_precision(model, train.precision, train.fp8_recipe, emulate=train.fp8_emulate,
                                 rows=fp8_gemm_rows(config))
     apply_residual_dtype(model, train.residual_dtype, train.precision)
@@ -116,6 +118,18 @@ def build_training_model(config, device: torch.device,
     if wrapped:
         log.info("activation checkpointing %s: %d modules recompute in backward", train.checkpointing, wrapped)
     if train.compile:
-        for block in model.blocks:
-            block.compile()
+        compile_blocks(model)
     return model, ema, precision
+
+
+def compile_blocks(model: nn.Module, **options) -> None:
+    """torch.compile each block with static shapes (`options` go to torch.compile, e.g. fullgraph=True in tests).
+    Spatial and temporal blocks share one class (one code object for dynamo) but see different fixed shapes; without
+    dynamic=False the second shape would turn the graph into a dynamic-shape one, with it each shape gets its own
+    specialised graph."""
+    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        # Memory-lean autograd.Functions recompute their elementwise work in backward through torch.autograd.grad;
+        # dynamo traces that (instead of breaking the graph) only with this on.
+        torch._dynamo.config.trace_autograd_ops = True
+    for block in model.blocks:
+        block.compile(dynamic=False, **options)

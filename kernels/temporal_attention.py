@@ -21,11 +21,12 @@ F > 64 is refused (the F x F tile per pair would spill).
 Image frames of joint image+video batches take no part (the model passes only the video frames' rows).
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import launch, target_of
 
 MAX_FRAMES = 64
 MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
@@ -185,11 +186,14 @@ def launch_config(qkv: torch.Tensor, frames: int, backward: bool = False) -> dic
     (not TF32) to stay exact. Not yet tuned on a GPU: about 4K elements per tile (PAIRS x F_PAD x D_PAD), heads
     first (their rows are contiguous in memory), and twice the warps in backward, which holds ~10 such tiles."""
     f_pad, d_pad = padded(frames), padded(qkv.shape[-1])
-    pairs = max(1, min(16, 4096 // (f_pad * d_pad)))
+    # fp32 backward runs its dots on FMA with ~10 fp32 tiles live: at 4K elements it spilled 200 B at Latte's F=16,
+    # dim 72 (255 registers); 2K does not (bench/compile_check.py, sm_90a)
+    elements = 2048 if backward and qkv.dtype == torch.float32 else 4096
+    pairs = max(1, min(16, elements // (f_pad * d_pad)))
     heads = min(pairs, triton.next_power_of_2(qkv.shape[3]))
     return dict(BLOCK_S=pairs // heads, HEADS=heads, F_PAD=f_pad, D_PAD=d_pad, HEAD_DIM=qkv.shape[-1],
                 N_FRAMES=frames, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-                UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=8 if backward else 4)
+                UPCAST=target_of(qkv.device).interpreted, num_warps=8 if backward else 4)
 
 
 def _grid(qkv, frames, config):
@@ -202,7 +206,7 @@ def temporal_forward(qkv: torch.Tensor, frames: int) -> tuple[torch.Tensor, torc
     out = torch.empty(rows, positions, heads, dim, dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty(rows, positions, heads, dtype=torch.float32, device=qkv.device)
     config = launch_config(qkv, frames)
-    _temporal_fwd_kernel[_grid(qkv, frames, config)](
+    launch(_temporal_fwd_kernel, _grid(qkv, frames, config))(
         qkv, out, lse, positions, heads, 1.0 / math.sqrt(dim), **config)
     return out, lse
 
@@ -211,7 +215,7 @@ def temporal_backward(qkv, out, dout, lse, frames: int) -> torch.Tensor:
     rows, positions, _, heads, dim = qkv.shape
     dqkv = torch.empty_like(qkv)
     config = launch_config(qkv, frames, backward=True)
-    _temporal_bwd_kernel[_grid(qkv, frames, config)](
+    launch(_temporal_bwd_kernel, _grid(qkv, frames, config))(
         qkv, out, dout, lse, dqkv, positions, heads, 1.0 / math.sqrt(dim), **config)
     return dqkv
 
