@@ -33,6 +33,7 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (must precede the first launch)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from ristretto.engine.progress import progress_bar  # noqa: E402
 from ristretto.bench.common import bar_chart, device_name, format_table, write_results  # noqa: E402
 from ristretto.kernels import reference  # noqa: E402
 from ristretto.kernels.attention import attention_backend, installed_backends  # noqa: E402
@@ -286,7 +287,8 @@ def run(out_dir: Path | str | None = None, backends: list[str] | None = None, sm
     copy_gbps = copy_bandwidth_gbps(device, smoke)
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s on {device_name()}" + (" (smoke run: tiny shapes)" if smoke else ""))
     cases = benchmark_cases(smoke)
-    rows = [row for case in cases for row in bench_case(case, backends, device, peak, copy_gbps)]
+    rows = [row for case in progress_bar(cases, desc="attention", unit="case")
+            for row in bench_case(case, backends, device, peak, copy_gbps)]
     layer_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     layers = [row for case in layer_cases(smoke) for row in layer_rows(case, device, layer_dtype)]
     print(format_table([{**row, "note": row["note"][:100]} if "note" in row else row for row in rows]))

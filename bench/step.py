@@ -48,6 +48,7 @@ from ristretto.engine.distributed import DistInfo
 from ristretto.engine.ema import EMA
 from ristretto.engine.flops import model_flops
 from ristretto.engine.precision import Precision
+from ristretto.engine.progress import progress_bar
 from ristretto.engine.train import Encoders, TrainState, build_optimizer
 from ristretto.model.diffusers_interop import diffusers_config
 
@@ -344,7 +345,7 @@ def run(args) -> dict:
     peak_tflops = bf16_peak_tflops(device)
     warmup = WARMUP_STEPS if device.type == "cuda" else 1
     rows = []
-    for step_config in step_configs:
+    for step_config in progress_bar(step_configs, desc="train step", unit="config"):
         for mode in args.checkpointing:
             base_config = bench_config(step_config, args, precision, mode)
             base = {"config": step_config.label, "checkpointing": mode, "batch": base_config.train.batch_size}
@@ -366,7 +367,7 @@ def run(args) -> dict:
                           "timer": "wall clock over consecutive steps, synchronised at both ends",
                           "configs": [c.__dict__ for c in step_configs]},
                "rows": rows}
-    if device.type == "cuda" or args.out is not None:  # CPU numbers say nothing about speed: written only on request
+    if rows:  # on a CPU too, to runs/bench/ unless --out: its JSON says "smoke": true (no GPU speed in it)
         labels = list(dict.fromkeys(f"{r['config']} {r['checkpointing']}" for r in rows))
         series = {name: [next((r.get("samples/s", 0.0) for r in rows if r["variant"] == name
                                and f"{r['config']} {r['checkpointing']}" == label), 0.0) for label in labels]

@@ -39,6 +39,8 @@ from .metrics import MetricsLog, truncate_metrics
 from .plan import predict_memory
 from .preflight import check_dataset, check_environment, check_first_batch, check_sampling, loading_errors_named
 from .profiling import profile_steps
+from .progress import progress_disabled
+from .report import report_end, report_failure, update_report
 from .sample import sample_videos, validation_prompts, write_samples
 from .distributed import (DistInfo, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
                           barrier, destroy_distributed, export_weights, first_sample_index, global_batch_size,
@@ -427,6 +429,7 @@ def write_validation_samples(run_dir: Path, step: int, config, sampling_model, e
     write_samples(out_dir, videos, titles, config.sample.fps)
     if metrics is not None:
         metrics.videos(step, videos, titles, config.sample.fps)
+    update_report(run_dir, "running", step)
     return out_dir
 
 
@@ -537,8 +540,25 @@ def train(config, run_dir: Path, resume: Path | None = None, on_start=None) -> T
     Every check runs before the first file is written; `on_start()` is called once they passed, just before the
     run's files are written and training begins. Returns the final TrainState (`stopped_by` set after a signal)."""
     info = init_distributed(config.dist.strategy, config.train.device)
+
+    begun = False  # a bad input stops before the run's first file: then no report is written either
+
+    def begin() -> None:  # every check passed; the run's files are about to be written
+        nonlocal begun
+        begun = True
+        if on_start is not None:
+            on_start()
+
     try:
-        return train_on_ranks(config, Path(run_dir), resume, info, on_start)
+        state = train_on_ranks(config, Path(run_dir), resume, info, begin)
+    except BaseException as error:  # report.html says how a started run ended, then the error goes on to the caller
+        if is_main(info) and begun:
+            report_failure(Path(run_dir), error)
+        raise
+    else:
+        if is_main(info):
+            report_end(Path(run_dir), state)
+        return state
     finally:
         destroy_distributed()
 
@@ -618,7 +638,8 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo, o
     window_start, window_steps = time.perf_counter(), 0
     model.train()
     with StopSignals() as signals, metrics, tqdm(total=train_cfg.max_steps, initial=state.step, desc="train",
-                                                  unit="step", dynamic_ncols=True, disable=not main) as progress, \
+                                                  unit="step", dynamic_ncols=True,
+                                                  disable=progress_disabled() if main else True) as progress, \
             profile_steps(run_dir, config.profile.steps if main else 0) as profiler:
         while state.step < train_cfg.max_steps and not stop_requested(signals, info):
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
@@ -665,6 +686,7 @@ def log_quality(config, step, sampling_model, encoders, diffusion, precision, de
     scores = quality_metrics(config, sampling_model, encoders.vae, encoders.text_encoder, diffusion, device,
                              seeds=config.sample.quality_seeds, autocast=precision.autocast)
     metrics.write({"step": step, **{f"quality/{key}": value for key, value in scores.items()}})
+    update_report(metrics.path.parent, "running", step)  # again, now with this validation's scores
     log.info("step %d held-out quality: colour %.0f%%, direction %.0f%%, shape %.0f%%", step,
              100 * scores["colour_accuracy"], 100 * scores["direction_accuracy"], 100 * scores["shape_accuracy"])
 
