@@ -84,7 +84,7 @@ PARITY_STEPS = 300
 PARITY_VARIANTS = {  # name -> train overrides
     "bf16-torch": ("train.precision=bf16", "model.kernels=torch"),
     "bf16-triton": ("train.precision=bf16", "model.kernels=triton"),
-    "fp8-ao": ("train.precision=fp8-ao", "model.kernels=torch"),
+    "fp8-ao": ("train.precision=fp8-ao", "model.kernels=torch", "train.compile=true"),  # fp8-ao requires compile
 }
 
 
@@ -132,7 +132,7 @@ PARTS = [
     Part("environment", "device, versions, copy GB/s and bf16 GEMM TFLOP/s", 25,
          gpu=[[PY, "-m", "ristretto.bench.suite", "--environment", "{out}"]],
          smoke=[[PY, "-m", "ristretto.bench.suite", "--environment", "{out}"]], summarize=environment_summary),
-    Part("gpu-tests", "pytest -m gpu: compiled kernels, attention backends, precision, sync-free step", 100,
+    Part("gpu-tests", "pytest -m gpu: compiled kernels, attention backends, precision, sync-free step", 90,
          gpu=[[PY, "-m", "pytest", "-m", "gpu", "-x", "-q", "-p", "no:cacheprovider"]],
          smoke=[[PY, "-m", "pytest", "-m", "gpu", "-q", "--collect-only", "-p", "no:cacheprovider",
                  "tests/kernels/test_patch_embed.py"]]),
@@ -152,7 +152,7 @@ PARTS = [
                      "--precision", "fp8-ao", "--out", "{out}/fp8-ao")],
          smoke=[_bench("step", "--smoke", "--steps", "1", "--checkpointing", "none", "--out", "{out}")]),
     Part("memory", "planner vs measured peak with the device capped to 80 GiB; largest batch found vs planned", 75,
-         gpu=[[PY, "-c", CAP_80_GIB, "--configs", "xl2-t2v,t2v512", "--modes", "none,full,selective-mlp",
+         gpu=[[PY, "-c", CAP_80_GIB, "--configs", "xl2-t2v,t2v512", "--modes", "none,full,selective-mlp,auto",
                "--out", "{out}"]],
          smoke=[_bench("memory", "--help")]),
     Part("parity", f"{PARITY_STEPS} steps of tiny-t2v: bf16 torch vs triton vs fp8-ao loss", 55,
@@ -161,6 +161,8 @@ PARTS = [
          smoke=[_train("{out}/bf16-torch", "train.max_steps=2", "train.log_every=1", "train.batch_size=1",
                        "data.frames=2")],
          summarize=parity_summary),
+    Part("loader", "data loader clips/s at 0/2/8 workers against the step's consumption", 10,
+         gpu=[_bench("loader", "--out", "{out}")], smoke=[_bench("loader", "--help")]),
     Part("default-run", "the README's default `python train.py` (tiny-t2v) on the GPU: minutes, not CPU minutes", 25,
          gpu=[[PY, "train.py", "--out", "{out}/run"]], smoke=[[PY, "train.py", "--help"]]),
     Part("compile", "every Triton kernel compiled for sm_90a by the machine's triton: registers, spills, smem", 20,
