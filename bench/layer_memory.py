@@ -31,7 +31,9 @@ def layer_config(depth: int, frames: int, kernels: str, residual_dtype: str | No
 
 
 def saved_storage_bytes(model: torch.nn.Module, run) -> int:
-    """Distinct storages autograd keeps while `run()` executes, parameters and buffers excluded."""
+    """Bytes of the distinct storages autograd keeps while `run()` executes, parameters and buffers excluded (the
+    plan counts them apart); checkpointed modules show up as the inputs their checkpoints save. Shared by
+    bench/memory.py's planner check and the per-layer comparison."""
     excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     storages: dict[int, int] = {}
 

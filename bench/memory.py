@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ristretto.bench.common import RESULTS_DIR, format_table, write_report  # noqa: E402
-from ristretto.bench.layer_memory import layer_rows
+from ristretto.bench.layer_memory import layer_rows, saved_storage_bytes
 from ristretto.bench.step import CONFIGS, StepConfig, cpu_threads, random_inputs
 from ristretto.engine.build import build_training_model
 from ristretto.engine.checkpointing import AUTO, CHECKPOINTING_MODES
@@ -69,23 +69,6 @@ def case_config(step_config: StepConfig, mode: str, precision: str, attention: s
 
 # ------------------------------------------------------------------------------------------------ measuring
 
-def saved_tensor_bytes(model: torch.nn.Module, run) -> int:
-    """Bytes of the distinct storages autograd saves for backward while `run()` executes (parameters and buffers
-    excluded: the plan counts them apart). Checkpointed modules show up as the inputs their checkpoints save."""
-    excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(storages.values())
-
-
 def measure_saved_bytes(config, device=torch.device("cpu")) -> int:
     """What one training forward (engine/train.micro_step_loss) of `config` keeps for backward, in bytes."""
     torch.manual_seed(config.train.seed)
@@ -95,7 +78,7 @@ def measure_saved_bytes(config, device=torch.device("cpu")) -> int:
     model, _, precision = build_training_model(no_ema, device)
     latents, _, conditions = random_inputs(config, config.train.batch_size, device)
     diffusion = Diffusion(config.diffusion)
-    return saved_tensor_bytes(
+    return saved_storage_bytes(
         model, lambda: micro_step_loss(model, diffusion, precision, latents, conditions, 0, config))
 
 
