@@ -13,7 +13,9 @@ and dumps it beside the JSON as memory_snapshot_<config>_<mode>.pickle, for http
 
 Without CUDA (smoke): tiny configs, and the bytes autograd saves for backward during one training forward
 (torch.autograd.graph.saved_tensors_hooks, distinct storages, parameters excluded) vs the plan's activation bytes;
-plus the planner's largest batch per mode for the GPU configs. Writes a table, JSON (memory_<device>.json), a chart.
+plus the planner's largest batch per mode for the GPU configs, plus (`--layers`, on by default in the smoke run) the
+per-layer comparison with diffusers at Latte width (bench/layer_memory.py: bytes saved for backward per token per
+layer, bf16 autocast). Writes a table, JSON (memory_<device>.json), a chart.
 """
 import argparse
 import copy
@@ -23,9 +25,10 @@ from pathlib import Path
 import torch
 
 from ristretto.bench.common import RESULTS_DIR, format_table, write_report
+from ristretto.bench.layer_memory import layer_rows
 from ristretto.bench.step import CONFIGS, StepConfig, cpu_threads, random_inputs
 from ristretto.engine.build import build_training_model
-from ristretto.engine.checkpointing import CHECKPOINTING_MODES
+from ristretto.engine.checkpointing import AUTO, CHECKPOINTING_MODES
 from ristretto.engine.config import build_config
 from ristretto.engine.diffusion import Diffusion
 from ristretto.engine.plan import GIB, largest_that_fits, predict_memory
@@ -41,12 +44,21 @@ SMOKE_CONFIGS = [
 MAX_PROBES = 12  # batch sizes tried per measured fit
 
 
-def case_config(step_config: StepConfig, mode: str, precision: str, attention: str, batch: int | None = None):
+BENCH_MODES = (*CHECKPOINTING_MODES, AUTO)
+
+
+def case_config(step_config: StepConfig, mode: str, precision: str, attention: str, batch: int | None = None,
+                device_type: str = "cuda"):
     overrides = [*MEMORY_OVERRIDES, *step_config.overrides, f"train.checkpointing={mode}",
                  f"train.precision={precision}", f"model.attention_backend={attention}"]
     if batch:
         overrides.append(f"train.batch_size={batch}")
-    return build_config(step_config.preset, overrides)
+    config = build_config(step_config.preset, overrides)
+    if mode == AUTO and device_type == "cpu":  # no GPU to fill: a budget halfway between no and full recompute
+        ends = [predict_memory(build_config(step_config.preset, [*overrides, f"train.checkpointing={m}"]), "cpu")
+                for m in ("none", "full")]
+        config.train.memory_budget_gb = sum(plan.required_bytes for plan in ends) / 2 / GIB
+    return config
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -72,7 +84,8 @@ def measure_saved_bytes(config, device=torch.device("cpu")) -> int:
     """What one training forward (engine/train.micro_step_loss) of `config` keeps for backward, in bytes."""
     torch.manual_seed(config.train.seed)
     no_ema = copy.deepcopy(config)
-    no_ema.train.ema_decay = 0.0  # the EMA copy is weights, not activations
+    if config.train.checkpointing != AUTO:  # auto's choice depends on the EMA's memory: keep it there
+        no_ema.train.ema_decay = 0.0  # the EMA copy is weights, not activations
     model, _, precision = build_training_model(no_ema, device)
     latents, _, conditions = random_inputs(config, config.train.batch_size, device)
     diffusion = Diffusion(config.diffusion)
@@ -183,7 +196,7 @@ def gpu_row(step_config: StepConfig, mode: str, args, out_dir: Path) -> dict:
 
 
 def smoke_row(step_config: StepConfig, mode: str, precision: str, attention: str) -> dict:
-    config = case_config(step_config, mode, precision, attention)
+    config = case_config(step_config, mode, precision, attention, device_type="cpu")
     measured = measure_saved_bytes(config)
     planned = predict_memory(config, "cpu").activation_bytes
     return {"config": step_config.label, "checkpointing": mode, "batch": config.train.batch_size,
@@ -216,10 +229,16 @@ def run(args) -> dict:
     print(format_table(rows))
     if fit_rows:
         print(format_table(fit_rows))
+    per_layer = []
+    if not cuda and args.layers:
+        per_layer = layer_rows(args.layer_frames, args.triton_frames, args.residual_dtypes)
+        print("bytes saved for backward per token per layer (bf16 autocast, width 1152 = 16 x 72, 16x16 latents, "
+              "caption 120 x 4096; depth 2 - depth 1, batch 2 - batch 1):")
+        print(format_table(per_layer))
     payload = {"config": {"smoke": not cuda, "precision": precision, "attention": args.attention,
                           "measured": "torch.cuda.max_memory_allocated over 2 optimizer steps" if cuda
                           else "bytes saved for backward (saved_tensors_hooks) in one training forward"},
-               "rows": rows, "planner_fit": fit_rows}
+               "rows": rows, "planner_fit": fit_rows, "per_layer_vs_diffusers": per_layer}
     if cuda or args.out is not None:
         unit = "GiB" if cuda else "MiB"
         labels = [f"{r['config']} {r['checkpointing']}" for r in rows]
@@ -233,17 +252,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR} on a GPU)")
     parser.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS),
                         help=f"comma-separated GPU configs from {', '.join(CONFIGS)}")
-    parser.add_argument("--modes", type=lambda s: s.split(","), default=list(CHECKPOINTING_MODES),
-                        help="comma-separated train.checkpointing modes")
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=list(BENCH_MODES),
+                        help="comma-separated train.checkpointing modes (auto: the GPU's memory; on CPU a budget "
+                             "halfway between none and full)")
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp8-ao", "fp8-te"])
     parser.add_argument("--attention", default="sdpa", help="model.attention_backend")
     parser.add_argument("--no-fit", dest="fit", action="store_false", help="skip the largest-batch search")
     parser.add_argument("--snapshot", action="store_true", help="dump allocator snapshots for pytorch.org/memory_viz")
     parser.add_argument("--smoke", action="store_true", help="the CPU saved-tensor check (always on without a GPU)")
+    parser.add_argument("--no-layers", dest="layers", action="store_false",
+                        help="skip the per-layer comparison with diffusers (smoke run, ~2-6 CPU minutes)")
+    parser.add_argument("--layer-frames", type=int, default=16, help="frames of the per-layer comparison (16)")
+    parser.add_argument("--triton-frames", type=int, default=4,
+                        help="frames for kernels=triton (the interpreter is slow; per token is unchanged)")
+    parser.add_argument("--residual-dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"],
+                        help="train.residual_dtype values to compare (comma-separated)")
     args = parser.parse_args(argv)
-    bad = [m for m in args.modes if m not in CHECKPOINTING_MODES] + [c for c in args.configs if c not in CONFIGS]
+    bad = [m for m in args.modes if m not in BENCH_MODES] + [c for c in args.configs if c not in CONFIGS]
     if bad:
-        parser.error(f"unknown modes/configs {bad}; modes: {', '.join(CHECKPOINTING_MODES)}; "
+        parser.error(f"unknown modes/configs {bad}; modes: {', '.join(BENCH_MODES)}; "
                      f"configs: {', '.join(CONFIGS)}")
     return args
 

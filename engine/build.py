@@ -13,7 +13,7 @@ from ristretto.model.latte import Latte, latte_from_config
 
 from .checkpointing import apply_activation_checkpointing
 from .ema import EMA
-from .precision import Precision, apply_precision
+from .precision import Precision, apply_precision, gemm_rows
 from .pretrained import apply_freeze, initialise_from_pretrained
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,18 @@ def build_plain_model(config) -> Latte:
     return model
 
 
+def fp8_gemm_rows(config):
+    """GEMM rows of each block linear per micro-batch (precision.gemm_rows), for the FP8 rule's pays-off part."""
+    _, size = latent_geometry(config)
+    tokens = config.data.frames * (size // config.model.patch_size) ** 2
+    return gemm_rows(config.train.batch_size, tokens, config.model.caption_length)
+
+
+def apply_residual_dtype(model: nn.Module, name: str, precision: str) -> None:
+    """train.residual_dtype under mixed precision; fp32 training keeps an fp32 residual whatever it says."""
+    model.residual_dtype = torch.bfloat16 if name == "bf16" and precision != "fp32" else torch.float32
+
+
 def build_training_model(config, device: torch.device,
                          pretrained: bool = True) -> tuple[nn.Module, EMA | None, Precision]:
     """Model on `device` with every seam applied, its EMA (None when train.ema_decay = 0) and the precision plan.
@@ -69,9 +81,21 @@ def build_training_model(config, device: torch.device,
     model = model.to(device)
     train = config.train
     ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
-    precision = apply_precision(model, train.precision, train.fp8_recipe)
+    precision = apply_precision(model, train.precision, train.fp8_recipe, emulate=train.fp8_emulate,
+                                rows=fp8_gemm_rows(config))
+    apply_residual_dtype(model, train.residual_dtype, train.precision)
     apply_freeze(model, config.model.freeze)  # after the converters, which may replace parameters
-    wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every)
+    choices = None
+    if train.checkpointing == "auto":  # the planner picks what each block recomputes to fit the budget
+        from .plan import auto_choices, describe_choices, memory_budget_bytes, predict_memory  # noqa: PLC0415
+        budget = memory_budget_bytes(config, device.type)
+        choices = auto_choices(config, budget, device.type)
+        log.info("checkpointing auto (budget %.2f GiB): %s", budget / 2**30, describe_choices(choices))
+        if not predict_memory(config, device.type, choices=choices).fits(budget):
+            log.warning("checkpointing auto: even recomputing every block is planned above train.memory_budget_gb="
+                        "%.2f; lower train.batch_size, data.frames or data.resolution", budget / 2**30)
+    wrapped = apply_activation_checkpointing(model, train.checkpointing, train.checkpointing_every, choices,
+                                             precision.checkpoint_function())
     if wrapped:
         log.info("activation checkpointing %s: %d modules recompute in backward", train.checkpointing, wrapped)
     if train.compile:

@@ -3,12 +3,15 @@
 A checkpoint is a folder `<run>/checkpoints/step_<N>/`:
     model.safetensors   live weights (plain: the same keys whatever the precision)
     ema.safetensors     EMA weights (when the run keeps an EMA)
+    fp8_state.safetensors  fp8-te delayed scaling's per-module scales and amax histories (precision.fp8_scaling_state),
+                        so a resumed FP8 run quantises exactly as the uninterrupted one (absent for other precisions)
     state.pt            optimizer, LR scheduler, TrainState, RNG states (torch, CUDA, numpy, python), data position,
                         the run config; plain containers and tensors only, loaded with torch.load(weights_only=True)
     manifest.json       step + sha256 of every file above; written last
 The folder is written under a temporary name (`.tmp-step_<N>-<pid>`), every file fsync'd, then renamed in one step:
 a kill during the write leaves only a temporary folder, which loading ignores and the next save removes. A checkpoint
-whose manifest is missing or whose files do not match their checksums is reported with its path and skipped.
+whose manifest is missing, whose files do not match their checksums, or which holds a .safetensors/.pt file
+the manifest does not list (it would be loaded unverified) is reported with its path and skipped.
 Nothing here unpickles: weights are safetensors, the rest goes through torch.load(weights_only=True).
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .precision import fp8_scaling_state, load_fp8_scaling_state
 from .weights import plain_state
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,24 @@ WRITE_DELAY_ENV = "RISTRETTO_TEST_CHECKPOINT_WRITE_DELAY"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: names its path and what is wrong."""
+
+
+FP8_STATE = "fp8_state"  # fp8_state.safetensors, and its key in load_distributed's returned dict
+
+
+def restore_fp8_state(state: dict[str, torch.Tensor] | None, model, precision) -> None:
+    """Put a checkpoint's FP8 scaling state back into `model` (unwrapped) when this run keeps one: without it TE
+    would restart from scale 1 and an empty amax history, and small weights would underflow in e4m3 for a while."""
+    keeps_state = precision.te_recipe is not None and precision.recipe == "delayed"
+    if keeps_state and state:
+        restored = load_fp8_scaling_state(model, state, precision.te_recipe)
+        log.info("FP8 scaling state restored for %d Transformer Engine linears", restored)
+    elif keeps_state:
+        log.warning("the checkpoint holds no FP8 scaling state (written by another precision or recipe): FP8 scales "
+                    "restart from 1 and recalibrate over the first steps")
+    elif state:
+        log.info("the checkpoint's FP8 scaling state is not used by train.precision=%s (recipe %s)",
+                 precision.name, precision.recipe)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -99,6 +121,7 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, training_state: dict, 
     keep_last: how many older checkpoints survive next to the new one.
     """
     weights = {"model": plain_state(model)} | ({"ema": plain_state(ema.model)} if ema is not None else {})
+    weights |= {FP8_STATE: fp8} if (fp8 := fp8_scaling_state(model)) else {}
     final = write_checkpoint_folder(checkpoint_dir(run_dir, step), step, weights, training_state)
     prune_checkpoints(final.parent, keep_last)
     return final
@@ -135,12 +158,28 @@ def write_checkpoint_folder(final: Path, step: int, weights: dict[str, dict], tr
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Keep the newest checkpoint and `keep_last` older ones; remove leftovers of interrupted writes (called after
-    the new checkpoint is published, so no temporary folder is still in use: one run writes its checkpoints)."""
+    """Keep the newest checkpoint and `keep_last` older ones; remove leftovers of interrupted writes. Only finished
+    checkpoints and the leftovers of dead processes are touched: a `.tmp-*`/`.old-*` folder whose writer (the PID in
+    its name) is alive is someone's write in progress (the run lock makes that rare; this makes it harmless)."""
     for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
-    for old in list_checkpoints(root.parent)[: -(keep_last + 1)]:
+        if not writer_alive(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+    for old in list_checkpoints(root.parent)[: -(max(keep_last, 0) + 1)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def writer_alive(leftover: Path) -> bool:
+    """Whether the process named at the end of a temporary folder's name (`.tmp-step_N-<pid>`) still runs."""
+    pid = leftover.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -162,6 +201,11 @@ def verify_checkpoint(path: Path) -> dict:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"checkpoint {path}: no readable {MANIFEST} ({error})") from None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} has no file list")
+    unlisted = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pt") and p.name not in files)
+    if unlisted:  # a file the loader would read without a checksum (e.g. ema.safetensors dropped from the list)
+        raise CheckpointError(f"checkpoint {path}: {unlisted[0]} is not in {MANIFEST} (unverified file)")
     for name, expected in files.items():
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -164,10 +165,22 @@ class TrainConfig:
     """fp32 | bf16 | fp8-te | fp8-ao."""
     fp8_recipe: str = "default"
     """FP8 scaling recipe: default (delayed for TE, tensorwise for torchao) | delayed | current | mxfp8 | block | tensorwise | rowwise."""
+    fp8_emulate: bool = False
+    """fp8-ao only: torchao's emulated float8 (Float8LinearConfig(emulate=True)), which runs on CPU. For numerics checks
+    (docs/precision.md's loss parity): no speed-up, and it converts every linear the FP8 shape rule allows, ignoring
+    the rule's pays-off threshold (there is no FP8 GEMM to pay for)."""
     checkpointing: str = "none"
-    """Activation checkpointing: none | full | every-k | selective-mlp | selective-attention."""
+    """Activation checkpointing: none | full | every-k | selective-mlp | selective-attention | auto (the planner
+    picks per block what to recompute - nothing, the MLP, the attention or the whole block - so the plan fits
+    train.memory_budget_gb with the least recompute FLOPs)."""
     checkpointing_every: int = 2
     """For checkpointing=every-k: checkpoint every k-th block."""
+    memory_budget_gb: float = 0.0
+    """GiB that checkpointing=auto plans to fit (0 = the GPU's memory; give a number to plan on a CPU)."""
+    residual_dtype: str = "bf16"
+    """dtype of the residual stream between blocks under bf16/fp8 precision: bf16 (default: half the bytes of every
+    kept block input; tiny-t2v bf16 losses equal fp32's within seed noise, docs/memory.md) | fp32. fp32 precision
+    always keeps an fp32 residual."""
     compile: bool = False
     """torch.compile each block."""
     seed: int = 0
@@ -181,7 +194,7 @@ class TrainConfig:
     ckpt_every: int = 0
     """Write a checkpoint every this many steps (0 = only at the end)."""
     keep_last: int = 2
-    """How many old checkpoints to keep."""
+    """How many old checkpoints to keep next to the newest (>= 1: a damaged newest one always has a fallback)."""
     max_bad_steps: int = 5
     """Stop after this many optimizer steps in a row with a NaN/inf loss or gradient."""
 
@@ -252,7 +265,8 @@ CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16", "fp8-te", "fp8-ao"),
     "train.fp8_recipe": ("default", "delayed", "current", "mxfp8", "block", "tensorwise", "rowwise"),
-    "train.checkpointing": ("none", "full", "every-k", "selective-mlp", "selective-attention"),
+    "train.checkpointing": ("none", "full", "every-k", "selective-mlp", "selective-attention", "auto"),
+    "train.residual_dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "dist.strategy": ("auto", "none", "ddp", "fsdp"),
 }
@@ -458,9 +472,20 @@ def validate(config: RunConfig) -> RunConfig:
     if train.precision == "fp8-te" and train.fp8_recipe in ("default", "delayed") and train.compile:
         raise ConfigError("train.compile: Transformer Engine's delayed-scaling FP8 recipe does not run under "
                           "torch.compile; use train.fp8_recipe=current, or train.compile=false")
+    if train.fp8_emulate and train.precision != "fp8-ao":
+        raise ConfigError(f"train.fp8_emulate: only torchao emulates float8; needs train.precision=fp8-ao, got "
+                          f"{train.precision}")
+    if train.precision == "fp8-ao" and not train.compile and not train.fp8_emulate:
+        # torchao's float8 training is built on torch.compile, which fuses its amax and cast passes; eagerly they are
+        # separate memory passes the FP8 GEMM does not repay (torchao docs; docs/precision.md).
+        raise ConfigError("train.precision=fp8-ao needs train.compile=true: eager torchao float8 is slower than bf16 "
+                          "(its amax and cast kernels only fuse under torch.compile); set train.compile=true or "
+                          "train.precision=bf16")
     if not 0.0 <= config.diffusion.high_noise_bias <= 1.0:
         raise ConfigError(f"diffusion.high_noise_bias: expected a probability in [0, 1], got "
                           f"{config.diffusion.high_noise_bias}")
+    if train.memory_budget_gb < 0:
+        raise ConfigError(f"train.memory_budget_gb: must be >= 0 (0 = the GPU's memory), got {train.memory_budget_gb}")
     if model.freeze != "none" and not (model.init or model.init_spatial):
         raise ConfigError(f"model.freeze={model.freeze}: needs model.init or model.init_spatial (frozen random weights, "
                           f"with the final layer starting at zero, would leave nothing to learn)")
@@ -469,7 +494,53 @@ def validate(config: RunConfig) -> RunConfig:
                           f"of the frame), got {data.synthetic_size_scale}")
     if data.num_images < 0:
         raise ConfigError(f"data.num_images: must be >= 0, got {data.num_images}")
+    validate_numbers(config)
     return config
+
+
+# Fields that must be >= 0 (0 meaning "off" or "none" where the docstring says so).
+NON_NEGATIVE = ("train.weight_decay", "train.grad_clip", "train.warmup_steps", "train.sample_every",
+                "train.ckpt_every", "data.num_workers", "sample.quality_seeds", "profile.steps")
+# Fields that must be > 0, beyond the integer sizes of POSITIVE.
+POSITIVE_NUMBERS = ("train.lr", "model.mlp_ratio", "model.norm_eps", "model.vae_scaling_factor", "sample.num_samples",
+                    "sample.fps", "train.keep_last")
+
+
+def float_fields(obj, prefix: str = ""):
+    """(dotted key, value) of every float (and list-of-float item) in the config tree."""
+    for item in dataclasses.fields(obj):
+        value, key = getattr(obj, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            yield from float_fields(value, f"{key}.")
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, list):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+
+
+def validate_numbers(config: RunConfig) -> None:
+    """Finite numbers everywhere, and the optimizer, sampler and checkpoint values in range: found here, before a
+    run starts, instead of as NaN weights, black samples or a crash after training steps."""
+    for key, value in float_fields(config):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+    for key in NON_NEGATIVE:
+        if get_value(config, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {get_value(config, key)}")
+    for key in POSITIVE_NUMBERS:
+        if get_value(config, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {get_value(config, key)}")
+    train, diffusion = config.train, config.diffusion
+    if len(train.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in train.betas):
+        raise ConfigError(f"train.betas: expected two values in [0, 1) (AdamW's beta1, beta2), got {train.betas}")
+    if diffusion.sample_steps > diffusion.num_train_timesteps:
+        raise ConfigError(f"diffusion.sample_steps: {diffusion.sample_steps} is more than the schedule's "
+                          f"diffusion.num_train_timesteps={diffusion.num_train_timesteps}")
+    if not 0.0 < diffusion.beta_start < diffusion.beta_end < 1.0:
+        raise ConfigError(f"diffusion.beta_start, beta_end: expected 0 < beta_start < beta_end < 1, got "
+                          f"{diffusion.beta_start}, {diffusion.beta_end}")
+    if not 0.0 <= config.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction: expected a fraction in [0, 1], got {config.data.max_bad_fraction}")
 
 
 DEFAULT_PRESET = "quick-t2v"
@@ -492,10 +563,15 @@ def config_to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+RESUMES_KEY = "resumes"  # config.json's history of resumes and what each changed (engine/train.write_run_config)
+
+
 def config_from_dict(values: dict) -> RunConfig:
     """Rebuild a RunConfig from `config_to_dict` output (e.g. a run's config.json); unknown keys raise ConfigError."""
     config = RunConfig()
     for section, fields in values.items():
+        if section == RESUMES_KEY:
+            continue
         if not isinstance(fields, dict):
             apply_override(config, f"{section}={fields}") if section != "preset" else setattr(config, "preset", fields)
             continue

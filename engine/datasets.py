@@ -28,6 +28,10 @@ def build_dataset(config: RunConfig, split: str = "train", augment: bool = True)
     if data.kind == "cached":
         from .cache import CachedLatents  # noqa: PLC0415
 
+        if not data.cache_dir:
+            raise DataError("data.cache_dir: required for data.kind=cached (a folder written by "
+                            "`python -m ristretto.engine.cache`)")
+
         return CachedLatents(data.cache_dir, config)
     from .video_data import CaptionedVideos, ClassFolders, ImageFolder  # noqa: PLC0415 - needs PyAV
 

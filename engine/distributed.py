@@ -49,8 +49,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import STATE, CheckpointError, verify_checkpoint, write_checkpoint_folder
-from .precision import EXTRA_STATE_SUFFIX, plain_tensor
+from .checkpoint import FP8_STATE, STATE, CheckpointError, verify_checkpoint, write_checkpoint_folder
+from .precision import EXTRA_STATE_SUFFIX, fp8_scaling_state, ignoring_te_extra_state, plain_tensor
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,13 @@ def _shard(model: nn.Module, info: DistInfo, policy: MixedPrecisionPolicy) -> No
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
+def amax_reduction_group(info: DistInfo):
+    """The group FP8 amaxes are reduced over (TE's fp8_group): every rank, since DDP and FSDP here are pure data
+    parallel, so each FP8 tensor is the same tensor of different samples and one scale must serve all ranks (it also
+    keeps the ranks' FP8 weights, hence their updates, identical). None in a one-process run."""
+    return dist.group.WORLD if info.world_size > 1 and dist.is_initialized() else None
+
+
 def sync_context(model: nn.Module, is_last_micro_batch: bool):
     """The context one micro-batch's forward + backward runs in.
 
@@ -368,6 +375,8 @@ def save_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
         if "optimizer" in extra:
             raise ValueError("save_distributed: `extra` may not use the key 'optimizer' (it holds the optimizer state)")
         weights = {"model": model_state} | ({"ema": ema_state} if ema_state is not None else {})
+        # FP8 scales are the same on every rank (amax_reduction_group), so rank 0's are the run's.
+        weights |= {FP8_STATE: fp8} if (fp8 := fp8_scaling_state(unwrap(model))) else {}
         training_state = {**extra, "optimizer": optimizer_state, "world_size": info.world_size}
         write_checkpoint_folder(path, int(extra.get("step", -1)), weights, training_state)
     barrier(info)
@@ -396,6 +405,8 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
                 raise CheckpointError(f"checkpoint {path}: the run keeps an EMA but the checkpoint has no "
                                       f"ema.safetensors")
             ema_state = load_file(str(path / "ema.safetensors"))
+        if (path / f"{FP8_STATE}.safetensors").is_file():
+            saved[FP8_STATE] = load_file(str(path / f"{FP8_STATE}.safetensors"))
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=spread, strict=False)
     _set_model(model, model_state, options, path)
     if ema_model is not None:
@@ -410,7 +421,8 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def _set_model(module: nn.Module, state: dict, options: StateDictOptions, path: Path) -> None:
-    result = set_model_state_dict(module, state, options=options)
+    with ignoring_te_extra_state(module):  # TE's FP8 state is restored from fp8_state.safetensors (train.resume_from)
+        result = set_model_state_dict(module, state, options=options)
     missing = [key for key in result.missing_keys if not key.endswith(EXTRA_STATE_SUFFIX)]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected "

@@ -251,11 +251,23 @@ def main(argv=None) -> int:
     if not (args.run / "config.json").is_file():
         print(f"export: {args.run / 'config.json'} not found: --run must be a run directory", file=sys.stderr)
         return 2
+    from .run_lock import RunLock  # noqa: PLC0415
+
+    writes_into_run = args.out is None or args.run.resolve() in [args.out.resolve(), *args.out.resolve().parents]
+    lock = RunLock(args.run, "--run") if writes_into_run else None  # one writer per run folder, the trainer included
     try:
+        if lock is not None:
+            lock.acquire()
         written = export_run(args.run, args.out, args.force)
     except (FileNotFoundError, ConfigError, CheckpointError, ValueError) as error:
         print(f"export: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("export: interrupted; the folders being written were left under temporary names", file=sys.stderr)
+        return 130
+    finally:
+        if lock is not None:
+            lock.release()
     for path in written.values():
         print(path)
     return 0

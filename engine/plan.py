@@ -5,45 +5,60 @@
 The prediction counts, without building the model:
   persistent   fp32 master weights, fp32 gradients, AdamW m+v (fp32), the EMA copy, frozen encoders (SD VAE encoder in
                fp32, T5-XXL in bf16 on GPU) when the data is encoded live (0 for data.kind=cached).
-  activations  every tensor autograd saves for backward in OUR blocks (model/blocks.py, kernels/reference.py), per
-               part: LN-modulate (input, normalised values, mean/rstd, 1+scale), qkv (input), attention, proj,
-               cross-attention, MLP (fc1 input, GELU input, fc2 input), gate-residual (gate, branch output), plus
-               patch embedding, conditioning, final layer and loss. The residual stream is fp32 in every precision;
-               under bf16 autocast linears save bf16 copies of their inputs and of their weights (autocast's cast
-               is kept alive by backward). Checkpointed modules keep only their inputs.
+  activations  every tensor autograd saves for backward in OUR blocks (model/blocks.py with the lean ops of
+               kernels/lean.py or the Triton kernels, model/mlp.py), per part: LN-modulate (its input, the residual;
+               Triton also mean/rstd), qkv (input), attention, proj, cross-attention, MLP (fc1 input and the GELU
+               input only: GELU is recomputed in backward), gate-residual (gate, branch output), plus patch
+               embedding, conditioning, final layer and loss. The residual stream is train.residual_dtype under
+               bf16/fp8 (fp32 otherwise); LN-modulate emits the activation dtype; under bf16 autocast linears save
+               bf16 copies of their weights (autocast's cast is kept alive by backward), the MLP keeps the fp32 ones.
+               Checkpointed modules keep only their inputs; checkpointing=auto picks per block (`auto_choices`).
   attention    what the backend saves: flash-style kernels (torch flash / efficient / cuDNN on CUDA, torch's
                flash-attention-for-CPU kernel that `sdpa` uses on CPU, fa2/3/4, xformers) keep q, k, v, out and the
                fp32 logsumexp (and the mask as an additive bias in q's dtype); `sdpa-math` keeps scaled copies of
                q, k, v and the softmax probabilities [N, h, Sq, Sk] instead. Measured on CPU with
                torch.autograd.graph.saved_tensors_hooks (tests/engine/test_plan.py).
   transient    during backward: one checkpointed unit recomputed, gradients in flight through the largest block,
-               the attention backward's workspace; the optimizer step's temporaries; the VAE's encode buffers.
+               the attention backward's workspace (flash: the fp32 dq accumulator at the padded head dim, 72 -> 96,
+               and the query length rounded to 128); the optimizer step's temporaries; the VAE's encode buffers;
+               cuBLAS workspaces (per thread: forward and autograd's).
 peak = persistent + max(backward phase, optimizer step, live encoding); `required` adds the CUDA context and a
-fragmentation margin, which torch.cuda.max_memory_allocated does not see.
+fragmentation margin (2% with expandable segments, which train.py turns on unless PYTORCH_CUDA_ALLOC_CONF is set;
+5% without), which torch.cuda.max_memory_allocated does not see.
 
-Approximations (checked on GPU by bench/memory.py, not on CPU): FP8 (fp8-te keeps fp8 copies of block linear inputs
-and weights; fp8-ao's Float8Linear keeps bf16 ones, so it is planned as bf16), torch.compile (inductor usually saves
+Approximations (checked on GPU by bench/memory.py, not on CPU): FP8 (when engine/precision's FP8 rule converts the
+block linears, fp8-te keeps for backward only the transposed (column-wise) FP8 copy of each input, and both the
+row-wise and the transposed FP8 copy of each weight (TE module/linear.py on Hopper); fp8-ao's Float8Linear keeps bf16
+ones, so it is planned as bf16), torch.compile (inductor usually saves
 less: the plan is then an upper bound), DDP/FSDP (not modelled: single-process memory).
 
 Use from train.py: `log.info("\\n%s", predict_memory(config).format())`.
 """
 import argparse
 import copy
+import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
 
-from .checkpointing import CHECKPOINTING_MODES
+from .checkpointing import AUTO, BLOCK_CHOICES, CHECKPOINTING_MODES
 from .config import PRESETS, ConfigError, build_config
-from .flops import TIMESTEP_FEATURES, TokenGeometry, model_flops, recompute_flops, token_geometry
+from .precision import fp8_rule_text, fp8_shape_pays_off
+from .flops import TIMESTEP_FEATURES, TokenGeometry, block_flops, model_flops, recompute_flops, token_geometry
 
 GIB = 2**30
 FP32 = 4
 ADAMW_STATE_BYTES = 2 * FP32            # exp_avg + exp_avg_sq per parameter
 STATS_BYTES = 2 * FP32                  # LayerNorm mean + rstd per token (fp32)
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)     # CUDA context + kernels: outside torch's allocator
-FRAGMENTATION = 0.05                    # caching-allocator slack on top of the allocated peak
+FRAGMENTATION = 0.05                    # caching-allocator slack on top of the allocated peak (fixed segments)
+FRAGMENTATION_EXPANDABLE = 0.02         # the same with expandable_segments:True (what train.py sets by default)
+# cuBLAS workspaces come from torch's allocator: one per handle, and handles are per thread (the forward's and the
+# autograd engine's device thread); 32 MiB each on Hopper and later (torch's default CUBLAS_WORKSPACE_CONFIG).
+CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20
+FLASH_SEQ_TILE = 128                    # flash-attention rounds the query length up to this in its dq accumulator
+FLASH_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)  # compiled head dims: 72 runs the 96-wide kernel
 SD_VAE_ENCODER_PARAMS = 34_163_592 + 72  # AutoencoderKL (SD) encoder + quant_conv; the decoder is not loaded
 SD_VAE_WIDTH, VAE_CHUNK_FRAMES, VAE_LIVE_MAPS = 128, 16, 3  # full-resolution channels, frames per encode, live maps
 T5_XXL_ENCODER_PARAMS = 4_762_310_656   # google/t5-v1_1-xxl T5EncoderModel
@@ -54,20 +69,31 @@ LOSS_SAVED_FP32, VB_SAVED_FP32, VB_SAVED_BOOL = 1, 16, 2
 
 @dataclass(frozen=True)
 class SavedBytes:
-    """Bytes per element of what the forward keeps, by precision. The residual stream, LayerNorm values and adaLN
-    vectors are fp32 in every precision (the gate-residual add promotes bf16 branch outputs to fp32)."""
+    """Bytes per element of what the forward keeps, by precision and train.residual_dtype."""
     linear_in: int          # a linear's saved input (autocast: its bf16 copy)
     block_linear_in: int    # the same for the FP8-eligible linears inside blocks
-    out: int                # linear and attention outputs
+    out: int                # linear and attention outputs; LN-modulate outputs (emitted in the activation dtype)
     weight_copy: int        # autocast's weight cast, kept for backward (0 in fp32: the parameter itself)
     block_weight_copy: int
+    residual: int = FP32    # the residual stream: every saved block input and LayerNorm input
+    fp8: bool = False       # block linears converted (the MLP then runs as modules, keeping GELU's output too)
 
 
-def saved_bytes(precision: str, fp8_eligible: bool) -> SavedBytes:
+def saved_bytes(precision: str, fp8_eligible: bool, residual_dtype: str = "fp32") -> SavedBytes:
     if precision == "fp32":
         return SavedBytes(FP32, FP32, FP32, 0, 0)
-    fp8_copies = 1 if precision == "fp8-te" and fp8_eligible else 2
-    return SavedBytes(2, fp8_copies, 2, 2, fp8_copies)
+    residual = 2 if residual_dtype == "bf16" else FP32
+    fp8 = precision.startswith("fp8") and fp8_eligible
+    # fp8-te keeps a block linear's input as its transposed FP8 copy only, its weight as row-wise + transposed copies
+    te_input = 1 if precision == "fp8-te" and fp8_eligible else 2
+    return SavedBytes(2, te_input, 2, 2, 2, residual, fp8)
+
+
+def fp8_block_linears(g: TokenGeometry) -> bool:
+    """Whether engine/precision's FP8 rule converts the block linears (qkv, proj, fc1, fc2) at this geometry."""
+    rows = g.batch * (g.frames + g.images) * g.tokens_per_frame
+    shapes = [(g.hidden, 3 * g.hidden), (g.hidden, g.hidden), (g.hidden, g.mlp_hidden), (g.mlp_hidden, g.hidden)]
+    return all(fp8_shape_pays_off(k, n, rows) for k, n in shapes)
 
 
 def math_attention_bytes(out: int) -> int:
@@ -133,37 +159,41 @@ def attention_saved(rows: int, queries: int, keys: int, g: TokenGeometry, out: i
 
 def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilities: bool,
                 triton_kernels: bool) -> dict[str, int]:
-    """Bytes one block keeps for backward, by part (model/blocks.py LatteBlock with kernels/reference.py ops)."""
+    """Bytes one block keeps for backward, by part (model/blocks.py LatteBlock with the lean ops of kernels/lean.py
+    or the Triton kernels, and model/mlp.py)."""
     d, m, tokens = g.hidden, g.mlp_hidden, spec.rows * spec.length
+    r, i, o, w = saved.residual, saved.block_linear_in, saved.out, saved.block_weight_copy
     if spec.checkpointed == "block":  # torch.utils.checkpoint keeps the block's input (the conditions are shared)
-        return {"block input": FP32 * tokens * d}
-    # The Triton LN-modulate saves x, mean, rstd and the compact [B, D] vectors, not the normalised values.
-    vector_rows = g.batch if triton_kernels else spec.rows
-    normed = 0 if triton_kernels else FP32 * tokens * d
-    i, o, w = saved.block_linear_in, saved.out, saved.block_weight_copy
-    vector = vector_bytes(g, saved) * vector_rows * d  # one expanded adaLN vector (1 + scale, or gate)
+        return {"block input": r * tokens * d}
+    vector = vector_bytes(g, saved)
+    # The attention's LN-modulate keeps its input (the residual; Triton also mean/rstd) and its gate-residual the
+    # branch output (torch: also the gate expanded to [N, 1, D]); the MLP branch's LN-modulate and gate-residual are
+    # inside the MLP op (kernels/gelu_mlp.py). All read the block's adaLN vectors, one [B, 6, D] storage.
+    stats = STATS_BYTES * tokens if triton_kernels else 0
     parts = {
-        "ln_modulate": 2 * (FP32 * tokens * d + normed + STATS_BYTES * tokens + vector),
-        "gate_residual": 2 * (vector + o * tokens * d),
+        "ln_modulate": r * tokens * d + stats + vector * g.batch * 6 * d,
+        "gate_residual": o * tokens * d + (0 if triton_kernels else vector * spec.rows * d),
     }
     if spec.checkpointed == "attention":
-        parts["attention"] = FP32 * tokens * d  # the checkpoint keeps its input (LN-modulate output, fp32)
+        parts["attention"] = o * tokens * d  # the checkpoint keeps its input (the LN-modulate output)
     else:
         parts["attention"] = i * tokens * d + attention_saved(spec.rows, spec.length, spec.length, g, o, probabilities,
                                                               self_attention=True, masked=False)
         parts["weight copies"] = w * 4 * d * d
     if spec.cross:
         if spec.checkpointed == "attention":
-            parts["cross_attention"] = FP32 * tokens * d  # its input x; the caption context is shared
+            parts["cross_attention"] = r * tokens * d  # its input x; the caption context is shared
         else:
             parts["cross_attention"] = i * tokens * d + attention_saved(
                 spec.rows, spec.length, g.caption_length, g, o, probabilities, self_attention=False, masked=True)
             parts["weight copies"] += w * 4 * d * d
     if spec.checkpointed == "mlp":
-        parts["mlp"] = FP32 * tokens * d
-    else:
-        parts["mlp"] = i * tokens * d + 2 * o * tokens * m  # fc1 input, GELU input, fc2 input
+        parts["mlp"] = r * tokens * d  # the checkpoint keeps its input, the residual
+    elif saved.fp8:  # converted linears run as modules: LN input and stats, fc1 input, GELU in and out, fc2 out
+        parts["mlp"] = r * tokens * d + stats + i * tokens * d + 2 * o * tokens * m + o * tokens * d
         parts["weight copies"] = parts.get("weight copies", 0) + w * 2 * d * m
+    else:  # kernels/gelu_mlp.py: the residual and the GELU input; the fp32 weights, not bf16 copies
+        parts["mlp"] = r * tokens * d + o * tokens * m
     if g.kind == "class":  # adaLN-Zero: SiLU(cond) -> Linear(D, 6D) per block
         parts["modulation"] = saved.linear_in * g.batch * d
         parts["weight copies"] = parts.get("weight copies", 0) + saved.weight_copy * 6 * d * d
@@ -196,9 +226,8 @@ def vector_bytes(g: TokenGeometry, saved: SavedBytes) -> int:
 
 def final_and_loss_bytes(g: TokenGeometry, saved: SavedBytes, triton_kernels: bool) -> int:
     d, tokens = g.hidden, g.spatial_tokens
-    vector_rows = g.batch if triton_kernels else g.spatial_rows
-    normed = 0 if triton_kernels else FP32 * tokens * d
-    total = FP32 * tokens * d + normed + STATS_BYTES * tokens + vector_bytes(g, saved) * vector_rows * d
+    stats = STATS_BYTES * tokens if triton_kernels else 0
+    total = saved.residual * tokens * d + stats + vector_bytes(g, saved) * g.batch * 2 * d
     total += saved.linear_in * tokens * d + saved.weight_copy * d * g.patch * g.patch * g.out_channels
     if g.kind == "class":
         total += saved.linear_in * g.batch * d + saved.weight_copy * 2 * d * d
@@ -209,12 +238,18 @@ def final_and_loss_bytes(g: TokenGeometry, saved: SavedBytes, triton_kernels: bo
     return total
 
 
-def block_specs(g: TokenGeometry, mode: str, every: int) -> list[BlockSpec]:
-    """The 2 * depth blocks in model order (spatial, temporal, ...) with what `mode` checkpoints in each."""
+CHOICE_CHECKPOINTS = {"none": "", "mlp": "mlp", "attention": "attention", "full": "block"}
+
+
+def block_specs(g: TokenGeometry, mode: str, every: int, choices: list[str] | None = None) -> list[BlockSpec]:
+    """The 2 * depth blocks in model order (spatial, temporal, ...) with what `mode` (or, for auto, the per-block
+    `choices`) checkpoints in each."""
     specs = []
     for index in range(2 * g.depth):
         spatial = index % 2 == 0
-        if mode == "full" or (mode == "every-k" and index % every == 0):
+        if choices is not None:
+            checkpointed = CHOICE_CHECKPOINTS[choices[index]]
+        elif mode == "full" or (mode == "every-k" and index % every == 0):
             checkpointed = "block"
         else:
             checkpointed = {"selective-mlp": "mlp", "selective-attention": "attention"}.get(mode, "")
@@ -234,6 +269,7 @@ class MemoryPlan:
     required_bytes: int
     block_parts: dict[str, dict[str, int]]  # "spatial" / "temporal" -> per-part bytes of one block (first of its kind)
     summary: dict = field(default_factory=dict)
+    choices: list[str] | None = None  # checkpointing=auto: what each block recomputes (BLOCK_CHOICES), model order
 
     @property
     def activation_bytes(self) -> int:
@@ -247,9 +283,10 @@ class MemoryPlan:
         """A table: persistent terms, activations saved for backward, backward transients, phases, peak."""
         s = self.summary
         title = (f"memory plan: {s['preset']}, batch {s['batch']} x {s['frames']} frames x {s['resolution']}^2 "
-                 f"({s['tokens_per_frame']} tokens/frame), {s['precision']}, checkpointing {s['checkpointing']}, "
-                 f"attention {s['attention']}, {s['parameters'] / 1e6:.1f}M parameters")
-        lines = [title, f"{'':<48}{'GiB':>9}"]
+                 f"({s['tokens_per_frame']} tokens/frame), {s['precision']} (residual {s['residual']}), kernels "
+                 f"{s['kernels']}, checkpointing {s['checkpointing']}, attention {s['attention']}, "
+                 f"{s['parameters'] / 1e6:.1f}M parameters")
+        lines = [title] + ([s["fp8"]] if s.get("fp8") else []) + [f"{'':<48}{'GiB':>9}"]
 
         def add(label: str, value: int, indent: bool = False) -> None:
             lines.append(f"{'  ' * indent + label:<48}{value / GIB:>9.3f}")
@@ -267,21 +304,27 @@ class MemoryPlan:
         for layout, parts in self.block_parts.items():
             cells = ", ".join(f"{name} {value / 2**20:.1f}" for name, value in parts.items())
             lines.append(f"one {layout} block, MiB: {cells}")
+        if self.choices is not None:
+            lines.append(f"checkpointing auto: {describe_choices(self.choices)}")
         return "\n".join(lines)
 
 
-def predict_memory(config, device_type: str = "cuda", batch: int | None = None) -> MemoryPlan:
-    """Predict the peak memory of training `config` on one `device_type` device ("cuda" or "cpu")."""
+def predict_memory(config, device_type: str = "cuda", batch: int | None = None, choices: list[str] | None = None,
+                   budget_bytes: float | None = None) -> MemoryPlan:
+    """Predict the peak memory of training `config` on one `device_type` device ("cuda" or "cpu").
+    checkpointing=auto plans against `budget_bytes` (default: `memory_budget_bytes`) unless `choices` are given."""
     train, model = config.train, config.model
+    if train.checkpointing == AUTO and choices is None:
+        choices = auto_choices(config, memory_budget_bytes(config, device_type, budget_bytes), device_type, batch)
     g = token_geometry(config, batch)
     counts = parameter_counts(g)
     params = sum(counts.values())
     trainable = counts["temporal blocks"] if model.freeze == "spatial" else params  # gradients + AdamW state only here
-    fp8_eligible = all(dim % 16 == 0 and dim >= 64 for dim in (g.hidden, g.mlp_hidden))
-    saved = saved_bytes(train.precision, fp8_eligible)
+    fp8_eligible = fp8_block_linears(g)
+    saved = saved_bytes(train.precision, fp8_eligible, train.residual_dtype)
     probabilities = attention_keeps_probabilities(model.attention_backend)
     triton = model.kernels == "triton"
-    specs = block_specs(g, train.checkpointing, train.checkpointing_every)
+    specs = block_specs(g, train.checkpointing, train.checkpointing_every, choices)
 
     per_block = [block_parts(g, spec, saved, probabilities, triton) for spec in specs]
     breakdown = {
@@ -290,6 +333,7 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None) 
         "optimizer (AdamW m+v, fp32)": ADAMW_STATE_BYTES * trainable,
         "ema (fp32 copy)": FP32 * params if train.ema_decay > 0 else 0,
         "encoders (frozen)": encoder_weight_bytes(config, device_type),
+        "cuBLAS workspaces": CUBLAS_WORKSPACE_BYTES if device_type == "cuda" else 0,
         "activations.spatial blocks": sum(sum(p.values()) for p, s in zip(per_block, specs) if s.spatial),
         "activations.temporal blocks": sum(sum(p.values()) for p, s in zip(per_block, specs) if not s.spatial),
         "activations.embed + conditioning": conditioning_bytes(g, saved, any(s.checkpointed == "block" for s in specs)),
@@ -301,20 +345,23 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None) 
         "encode workspace (live VAE)": encode_workspace(config, g),
     }
     peak = peak_from(breakdown, train.grad_accum)
-    required = int(peak * (1 + FRAGMENTATION)) + (CUDA_CONTEXT_BYTES if device_type == "cuda" else 0)
+    required = int(peak * (1 + fragmentation_margin())) + (CUDA_CONTEXT_BYTES if device_type == "cuda" else 0)
     layouts = {"spatial": True, "temporal": False}
     block_table = {name: next(p for p, s in zip(per_block, specs) if s.spatial == spatial)
                    for name, spatial in layouts.items()}
     summary = dict(preset=config.preset, batch=g.batch, frames=g.frames, resolution=config.data.resolution,
                    tokens_per_frame=g.tokens_per_frame, precision=train.precision, checkpointing=train.checkpointing,
-                   attention=model.attention_backend, parameters=params, device_type=device_type)
-    return MemoryPlan(breakdown, peak, required, block_table, summary)
+                   attention=model.attention_backend, parameters=params, device_type=device_type,
+                   residual=train.residual_dtype, kernels=model.kernels,
+                   fp8=(f"{'block linears in FP8' if fp8_eligible else 'block linears stay bf16'} ({fp8_rule_text()})"
+                        if train.precision.startswith("fp8") else ""))
+    return MemoryPlan(breakdown, peak, required, block_table, summary, choices)
 
 
 def peak_from(breakdown: dict[str, int], grad_accum: int) -> int:
     """persistent + the largest of: backward (activations while gradients grow), optimizer step, live encoding."""
     persistent = sum(breakdown[key] for key in ("weights (fp32 master)", "optimizer (AdamW m+v, fp32)",
-                                                "ema (fp32 copy)", "encoders (frozen)"))
+                                                "ema (fp32 copy)", "encoders (frozen)", "cuBLAS workspaces"))
     activations = sum(v for k, v in breakdown.items() if k.startswith("activations."))
     transient = sum(v for k, v in breakdown.items() if k.startswith("transient."))
     grads = breakdown["gradients (fp32)"]
@@ -349,14 +396,29 @@ def gradients_in_flight(g: TokenGeometry, saved: SavedBytes) -> int:
     return 2 * FP32 * tokens * g.hidden + 2 * saved.out * tokens * g.mlp_hidden
 
 
+def fragmentation_margin() -> float:
+    """The allocator's slack: smaller with expandable segments (train.py's default unless the user set the variable)."""
+    setting = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    expandable = setting is None or "expandable_segments:True" in setting
+    return FRAGMENTATION_EXPANDABLE if expandable else FRAGMENTATION
+
+
+def flash_padded_head_dim(head_dim: int) -> int:
+    """The head dim of the flash kernel that runs `head_dim` (72 -> 96): its workspaces are that wide."""
+    return next((dim for dim in FLASH_HEAD_DIMS if dim >= head_dim), head_dim)
+
+
 def attention_workspace(g: TokenGeometry, saved: SavedBytes, probabilities: bool) -> int:
-    """Attention backward's scratch: fp32 dq accumulator + row sums (flash-style), or score gradients (math)."""
+    """Attention backward's scratch: flash-style fp32 dq accumulator at the padded head dim and query length, plus
+    row sums; or score gradients (math)."""
     shapes = [(g.spatial_rows, g.tokens_per_frame, g.tokens_per_frame), (g.temporal_rows, g.frames, g.frames)]
     if g.kind == "t2v":
         shapes.append((g.spatial_rows, g.tokens_per_frame, g.caption_length))
     if probabilities:
         return max(2 * math_attention_bytes(saved.out) * rows * g.heads * sq * sk for rows, sq, sk in shapes)
-    return max(FP32 * rows * sq * (g.hidden + g.heads) for rows, sq, _ in shapes)
+    padded = flash_padded_head_dim(g.hidden // g.heads)
+    return max(FP32 * rows * -(-sq // FLASH_SEQ_TILE) * FLASH_SEQ_TILE * g.heads * (padded + 1)
+               for rows, sq, _ in shapes)
 
 
 def encoder_weight_bytes(config, device_type: str) -> int:
@@ -376,6 +438,87 @@ def encode_workspace(config, g: TokenGeometry) -> int:
     frames = min(VAE_CHUNK_FRAMES, g.spatial_rows)
     pixels = config.data.resolution ** 2
     return FP32 * VAE_LIVE_MAPS * frames * SD_VAE_WIDTH * pixels
+
+
+# ------------------------------------------------------------------------------------- checkpointing=auto
+
+def memory_budget_bytes(config, device_type: str = "cuda", default_bytes: float | None = None) -> float:
+    """train.memory_budget_gb, else `default_bytes` (the CLI's --gpu-gb), else the GPU's memory."""
+    if config.train.memory_budget_gb > 0:
+        return config.train.memory_budget_gb * GIB
+    if default_bytes is not None:
+        return default_bytes
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    raise ValueError("train.memory_budget_gb: train.checkpointing=auto needs a memory budget when no GPU is "
+                     "visible; set e.g. --set train.memory_budget_gb=80")
+
+
+def choice_flops(g: TokenGeometry, spatial: bool, choice: str) -> float:
+    """Forward FLOPs one block runs again in backward when it recomputes `choice`."""
+    parts = block_flops(g, spatial)
+    recomputed = {"none": (), "mlp": ("mlp",), "attention": ("attention", "cross_attention")}.get(choice)
+    return sum(parts.values()) if recomputed is None else sum(parts.get(name, 0.0) for name in recomputed)
+
+
+def auto_recompute_flops(config, choices: list[str], batch: int | None = None) -> float:
+    g = token_geometry(config, batch)
+    return sum(choice_flops(g, index % 2 == 0, choice) for index, choice in enumerate(choices))
+
+
+def describe_choices(choices: list[str]) -> str:
+    """'spatial 14 none, 14 mlp; temporal 28 none (14 of 56 blocks recompute something)'."""
+    cells = []
+    for name, kind in (("spatial", choices[0::2]), ("temporal", choices[1::2])):
+        cells.append(f"{name} " + ", ".join(f"{kind.count(c)} {c}" for c in BLOCK_CHOICES if kind.count(c)))
+    recomputing = sum(c != "none" for c in choices)
+    return f"{'; '.join(cells)} ({recomputing} of {len(choices)} blocks recompute something)"
+
+
+UPGRADE_SETS = (BLOCK_CHOICES[1:], ("full",), ("attention", "full"), ("mlp", "full"))
+
+
+def auto_choices(config, budget_bytes: float, device_type: str = "cuda", batch: int | None = None) -> list[str]:
+    """What each block recomputes (BLOCK_CHOICES) so the plan's `required` fits budget_bytes, with the least
+    recompute FLOPs. Greedy: from nothing recomputed, repeatedly take the upgrade (one block moving to a choice that
+    keeps less) with the most bytes saved per FLOP until the plan fits; run once per set of allowed choices
+    (UPGRADE_SETS: a partial recompute that is cheap per byte can still cost more in total than fewer whole blocks)
+    and keep the cheapest. All-`full` when nothing else fits."""
+    g = token_geometry(config, batch)
+    train, model = config.train, config.model
+    fp8_eligible = all(dim % 16 == 0 and dim >= 64 for dim in (g.hidden, g.mlp_hidden))
+    saved = saved_bytes(train.precision, fp8_eligible, train.residual_dtype)
+    probabilities = attention_keeps_probabilities(model.attention_backend)
+    specs = block_specs(g, "none", 1)[:2]  # one spatial, one temporal
+
+    def block_bytes(kind: int, choice: str) -> int:
+        spec = specs[kind]
+        spec = BlockSpec(spec.rows, spec.length, spec.spatial, spec.cross, CHOICE_CHECKPOINTS[choice])
+        return sum(block_parts(g, spec, saved, probabilities, model.kernels == "triton").values())
+
+    # per kind (0: spatial, 1: temporal): bytes kept and FLOPs recomputed by each choice
+    cost = {(kind, c): (block_bytes(kind, c), choice_flops(g, kind == 0, c)) for kind in (0, 1) for c in BLOCK_CHOICES}
+
+    def greedy(allowed) -> list[str] | None:
+        choices = ["none"] * (2 * g.depth)
+        while not predict_memory(config, device_type, batch, choices).fits(budget_bytes):
+            best = None
+            for index, current in enumerate(choices):
+                kept, flops = cost[index % 2, current]
+                for upgrade in allowed:
+                    upgrade_kept, upgrade_flops = cost[index % 2, upgrade]
+                    if upgrade_kept < kept:
+                        ratio = (kept - upgrade_kept) / max(upgrade_flops - flops, 1.0)
+                        best = max(best or (ratio, index, upgrade), (ratio, index, upgrade))
+            if best is None:
+                return None
+            choices[best[1]] = best[2]
+        return choices
+
+    found = [c for c in map(greedy, UPGRADE_SETS) if c is not None]
+    if not found:
+        return ["full"] * (2 * g.depth)
+    return min(found, key=lambda c: sum(cost[i % 2, choice][1] for i, choice in enumerate(c)))
 
 
 # ---------------------------------------------------------------------------------------------- what fits
@@ -406,7 +549,8 @@ def largest_that_fits(config, what: str, gpu_bytes: float, device_type: str = "c
     key, step = FIT_FIELDS[what], fit_step(config, what)
 
     def fits(units: int) -> bool:
-        return predict_memory(with_value(config, key, units * step), device_type).fits(gpu_bytes)
+        return predict_memory(with_value(config, key, units * step), device_type,
+                              budget_bytes=gpu_bytes).fits(gpu_bytes)
 
     if not fits(1):
         return None
@@ -422,7 +566,7 @@ def largest_that_fits(config, what: str, gpu_bytes: float, device_type: str = "c
 
 
 def checkpointing_needed(config, gpu_bytes: float, device_type: str = "cuda") -> str | None:
-    """The checkpointing mode with the least recomputation whose plan fits; None when even `full` does not."""
+    """The fixed checkpointing mode with the least recomputation whose plan fits; None when even `full` does not."""
     for mode in sorted(CHECKPOINTING_MODES, key=lambda mode: recompute_flops(config, mode)):
         if predict_memory(with_value(config, "train.checkpointing", mode), device_type).fits(gpu_bytes):
             return mode
@@ -433,10 +577,12 @@ def mode_table(config, gpu_bytes: float, what: str | None, device_type: str = "c
     """Per checkpointing mode: required GiB, recompute as % of forward FLOPs, and (with `what`) the largest fit."""
     forward = model_flops(config).forward
     rows = []
-    for mode in CHECKPOINTING_MODES:
+    for mode in (*CHECKPOINTING_MODES, AUTO):
         moded = with_value(config, "train.checkpointing", mode)
-        row = {"checkpointing": mode, "required GiB": predict_memory(moded, device_type).required_bytes / GIB,
-               "recompute %": 100.0 * recompute_flops(moded, mode) / forward}
+        plan = predict_memory(moded, device_type, budget_bytes=gpu_bytes)
+        recompute = auto_recompute_flops(moded, plan.choices) if mode == AUTO else recompute_flops(moded, mode)
+        row = {"checkpointing": mode, "required GiB": plan.required_bytes / GIB,
+               "recompute %": 100.0 * recompute / forward}
         if what:
             row[f"largest {what}"] = largest_that_fits(moded, what, gpu_bytes, device_type)
         rows.append(row)
@@ -464,7 +610,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     gpu_bytes = args.gpu_gb * GIB
-    plan = predict_memory(config)
+    plan = predict_memory(config, budget_bytes=gpu_bytes)
     print(plan.format())
     print(f"fits in {args.gpu_gb:g} GiB: {'yes' if plan.fits(gpu_bytes) else 'no'}")
     needed = checkpointing_needed(config, gpu_bytes)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import threading
@@ -27,18 +28,20 @@ import torch
 from tqdm import tqdm
 
 from .build import build_plain_model, build_training_model, latent_geometry
-from .checkpoint import checkpoint_dir, prune_checkpoints, rng_state, set_rng_state
-from .config import config_to_dict
+from .checkpoint import (FP8_STATE, CheckpointError, checkpoint_dir, prune_checkpoints, restore_fp8_state, rng_state,
+                         set_rng_state)
+from .config import RESUMES_KEY, config_to_dict
 from .datasets import build_dataset, build_loader
 from .diffusion import Diffusion
 from .metrics import MetricsLog, truncate_metrics
 from .plan import predict_memory
+from .preflight import check_dataset, check_environment, check_first_batch, check_sampling, loading_errors_named
 from .profiling import profile_steps
 from .sample import sample_videos, validation_prompts, write_samples
 from .distributed import (DistInfo, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
                           barrier, destroy_distributed, export_weights, first_sample_index, global_batch_size,
                           global_data_state, init_distributed, is_main, load_distributed, local_data_state,
-                          plain_module_on_main, save_distributed, sync_context)
+                          plain_module_on_main, save_distributed, sync_context, amax_reduction_group)
 from .sampler import ResumableSampler
 from .text_encoder import build_text_encoder
 from .vae import build_vae
@@ -165,7 +168,8 @@ def accumulate_gradients(model, batches, encoders, diffusion, precision, state, 
         drop = caption_dropout_mask(latents.shape[0], first_index, train_cfg.seed, train_cfg.cfg_dropout)
         conditions = drop_conditions(conditions, drop, encoders, config)
         # DDP/FSDP reduce gradients in backward; only the last micro-batch needs it (nanoGPT's require_backward_grad_sync)
-        with sync_context(model, micro == train_cfg.grad_accum - 1):
+        # precision.microbatch: fp8-te casts the weights to FP8 on the first micro-batch only (is_first_microbatch)
+        with sync_context(model, micro == train_cfg.grad_accum - 1), precision.microbatch(micro):
             loss = micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config)
             # Each micro-batch mean / grad_accum: the summed gradients are the mean over the whole step's samples.
             (loss / train_cfg.grad_accum).backward()
@@ -238,13 +242,21 @@ def count_bad_step(state: TrainState, metrics: MetricsLog, loss: float, grad_nor
                             f"checkpoint is kept: lower train.lr, or check the data")
 
 
+class PhaseInterrupted(BaseException):
+    """A first SIGINT/SIGTERM during an interruptible phase (sampling): the phase stops at once, the run then stops
+    as after a signal in training. A BaseException, so no `except Exception` on the way swallows it."""
+
+
 class StopSignals:
-    """SIGINT/SIGTERM ask the loop to stop after the current optimizer step (it then checkpoints and returns).
-    A second signal of the same kind falls back to the default action, so a stuck run can still be killed."""
+    """SIGINT/SIGTERM ask the loop to stop after the current optimizer step (it then checkpoints and returns); inside
+    `interruptible()` (sampling, which may take minutes) the first signal stops that phase at once instead.
+    A second signal falls back to the previous handler (train.py's: stop at once), so a stuck run can still be
+    stopped."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
+        self._interruptible = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
@@ -258,8 +270,22 @@ class StopSignals:
             signal.raise_signal(signum)
             return
         self.received = signum
+        if self._interruptible:
+            log.warning("%s received: stopping sampling", signal.Signals(signum).name)
+            raise PhaseInterrupted(signum)
         log.warning("%s received: stopping after this optimizer step and writing a checkpoint",
                     signal.Signals(signum).name)
+
+    @contextmanager
+    def interruptible(self):
+        """A phase that a first signal ends at once: PhaseInterrupted, which the phase's caller catches."""
+        if self.received is not None:
+            raise PhaseInterrupted(self.received)
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
@@ -321,17 +347,71 @@ def write_checkpoint(run_dir, model, ema, optimizer, scheduler, loader, state: T
     return path
 
 
-def resume_from(path: Path, run_dir: Path, model, ema, optimizer, scheduler, loader, info: DistInfo) -> TrainState:
-    """Load checkpoint `path` (written by any number of ranks) into the built run; cut metrics.jsonl to its step."""
-    saved = load_distributed(path, model, optimizer, ema.model if ema is not None else None, info)
-    scheduler.load_state_dict(saved["scheduler"])
-    loader.load_state_dict(local_data_state(saved["loader"], info))
-    set_rng_state(saved["rng"])
-    state = TrainState(**saved["train_state"])
+def resume_from(path: Path, run_dir: Path, model, ema, optimizer, scheduler, loader, info: DistInfo,
+                train_cfg=None, precision=None) -> TrainState:
+    """Load checkpoint `path` (written by any number of ranks) into the built run; cut metrics.jsonl to its step.
+    The optimizer fields of `train_cfg` (this run's config) replace the saved ones (apply_optimizer_fields);
+    `precision`'s FP8 scaling state (fp8-te delayed) comes back from the checkpoint's fp8_state.safetensors."""
+    try:
+        saved = load_distributed(path, model, optimizer, ema.model if ema is not None else None, info)
+        if precision is not None:
+            restore_fp8_state(saved.pop(FP8_STATE, None), model, precision)
+        scheduler.load_state_dict(saved["scheduler"])
+        if train_cfg is not None:
+            apply_optimizer_fields(optimizer, scheduler, train_cfg)
+        loader.load_state_dict(local_data_state(saved["loader"], info))
+        set_rng_state(saved["rng"])
+        state = TrainState(**saved["train_state"])
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a checksummed file that still does not load: tampered or foreign
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded into this run ({type(error).__name__}: "
+                              f"{' '.join(str(error).split())[:300]})") from error
     if is_main(info):
         dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
         log.info("resumed from %s at step %d (%d metrics lines after it dropped)", path, state.step, dropped)
     return state
+
+
+def apply_optimizer_fields(optimizer, scheduler, train_cfg) -> None:
+    """After loading a checkpoint: this run's lr, betas and weight decay replace the saved ones in every param group,
+    and the scheduler's base rate becomes this run's lr (its lambda already reads this run's warm-up, schedule and
+    max_steps), so `--set train.lr=...` on resume is applied, not overwritten by the saved state. With unchanged
+    fields this sets exactly the values that were saved."""
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["betas"], group["weight_decay"] = train_cfg.lr, tuple(train_cfg.betas), \
+            train_cfg.weight_decay
+    scheduler.base_lrs = [train_cfg.lr for _ in optimizer.param_groups]
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports for the next step (torch keeps it in this attribute)
+
+
+def flat_config(values: dict) -> dict:
+    return {f"{section}.{k}": v for section, fields in values.items() if isinstance(fields, dict)
+            for k, v in fields.items()}
+
+
+def write_run_config(run_dir: Path, config, resumed_from: Path | None, step: int) -> dict:
+    """config.json = this run's config, plus a "resumes" history: per resume, its step, checkpoint and the fields it
+    changed from the config before it ({key: [old, new]}). Returns the newest history entry (or {}). Written to a
+    temporary name and renamed, so a kill never leaves half a config."""
+    path = run_dir / "config.json"
+    values = config_to_dict(config)
+    history, entry = [], {}
+    if resumed_from is not None and path.is_file():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        history = previous.get(RESUMES_KEY, [])
+        old, new = flat_config(previous), flat_config(values)
+        changed = {key: [old.get(key), value] for key, value in new.items() if old.get(key) != value}
+        entry = {"step": step, "checkpoint": str(resumed_from), "changed": changed,
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        history = [*history, entry]
+    tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(values | ({RESUMES_KEY: history} if history else {}), indent=2) + "\n")
+    tmp.replace(path)
+    return entry
 
 
 def step_record(state, loss, lr, grad_norm, samples_per_s, tokens_per_sample, device) -> dict:
@@ -344,32 +424,35 @@ def step_record(state, loss, lr, grad_norm, samples_per_s, tokens_per_sample, de
     return record
 
 
-def train(config, run_dir: Path, resume: Path | None = None) -> TrainState:
+def train(config, run_dir: Path, resume: Path | None = None, on_start=None) -> TrainState:
     """Train `config` into `run_dir` (config.json, metrics.jsonl, checkpoints/, samples/, weights/), continuing
     from checkpoint folder `resume` when given. Under torchrun every rank calls it (dist.strategy); rank 0 writes.
-    Returns the final TrainState (`stopped_by` set after a signal)."""
+    Every check runs before the first file is written; `on_start()` is called once they passed, just before the
+    run's files are written and training begins. Returns the final TrainState (`stopped_by` set after a signal)."""
     info = init_distributed(config.dist.strategy, config.train.device)
     try:
-        return train_on_ranks(config, Path(run_dir), resume, info)
+        return train_on_ranks(config, Path(run_dir), resume, info, on_start)
     finally:
         destroy_distributed()
 
 
-def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -> TrainState:
+def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo, on_start=None) -> TrainState:
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank (FSDP shards each rank's copy)
     device, main = info.device, is_main(info)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-
+    check_environment(config, device)
     train_cfg = config.train
     dataset = build_dataset(config)
+    check_dataset(config, dataset, info.world_size)
+    check_first_batch(config, dataset)
     sampler = ResumableSampler(len(dataset), train_cfg.seed, rank=info.rank, world_size=info.world_size,
                                block=train_cfg.batch_size, tag_epochs=getattr(dataset, "epoch_tagged_indices", False))
     loader = build_loader(dataset, train_cfg.batch_size, sampler, config.data.num_workers, device)
-    encoders = build_encoders(config, dataset, device)
+    with loading_errors_named(f"model.vae={config.model.vae!r} / model.text_encoder={config.model.text_encoder!r}"):
+        encoders = build_encoders(config, dataset, device)
     diffusion = Diffusion(config.diffusion)
+    check_sampling(config, diffusion)
     model, ema, precision = build_training_model(config, device, pretrained=resume is None)
+    precision.fp8_group = amax_reduction_group(info)
     # The optimizer, EMA, checkpoints and sampling use `model`; forward + backward go through the DDP/FSDP module.
     train_model = apply_data_parallel(model, info, mixed_precision=train_cfg.precision != "fp32")
     if ema is not None:
@@ -377,8 +460,19 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
     optimizer, scheduler = build_optimizer(model, train_cfg)
     state = TrainState()
     if resume is not None:
-        state = resume_from(resume, run_dir, model, ema, optimizer, scheduler, loader, info)
+        state = resume_from(resume, run_dir, model, ema, optimizer, scheduler, loader, info, train_cfg, precision)
+    if on_start is not None:
+        on_start()
+    resume_entry = {}
+    if main:  # the run's first files: only now that every check has passed
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resume_entry = write_run_config(run_dir, config, resume, state.step)
+        if resume is None:  # `--resume auto` restarting a run that stopped before its first checkpoint
+            truncate_metrics(run_dir / "metrics.jsonl", 0)
     metrics = MetricsLog(run_dir, config.log, config_to_dict(config), enabled=main)
+    if resume is not None:
+        metrics.write({"step": state.step, "event": "resume", "checkpoint": str(resume),
+                       "changed": resume_entry.get("changed", {})})
     samples_per_step = global_batch_size(train_cfg.batch_size, train_cfg.grad_accum, info)
     if main:
         log.info("predicted peak memory per process (engine/plan.py):\n%s", predict_memory(config, device.type).format())
@@ -394,10 +488,15 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
         sampling_model = plain_module_on_main(ema.model if ema else model, lambda: build_plain_model(config), info)
         out_dir = None
         if main:
-            out_dir = write_validation_samples(run_dir, state.step, config, sampling_model, encoders, diffusion,
-                                               precision, dataset, device, metrics)
-            if config.sample.quality_seeds:
-                log_quality(config, state.step, sampling_model, encoders, diffusion, precision, device, metrics)
+            try:  # a signal here ends sampling at once; the loop then stops as after a signal in a step
+                with signals.interruptible():
+                    out_dir = write_validation_samples(run_dir, state.step, config, sampling_model, encoders,
+                                                       diffusion, precision, dataset, device, metrics)
+                    if config.sample.quality_seeds:
+                        log_quality(config, state.step, sampling_model, encoders, diffusion, precision, device,
+                                    metrics)
+            except PhaseInterrupted:
+                out_dir = None
         barrier(info)
         model.train()
         return out_dir
@@ -439,11 +538,12 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo) -
         progress.close()
         path = checkpoint()
         if signals.received is not None or stop_requested(signals, info):
-            state.stopped_by = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
-            log.warning("stopped by %s at step %d; checkpoint %s", state.stopped_by, state.step, path)
-            return state
+            return stopped(state, signals, f"checkpoint {path}")
         export_weights(run_dir / "weights", model, ema.model if ema else None, info)
         out_dir = validation_samples()
+        if signals.received is not None or stop_requested(signals, info):  # during the export or the final samples
+            return stopped(state, signals, f"checkpoint {path} and weights in {run_dir / 'weights'}; final samples "
+                                           f"not written")
     log.info("done: %d steps; samples in %s", state.step, out_dir)
     return state
 
@@ -457,6 +557,12 @@ def log_quality(config, step, sampling_model, encoders, diffusion, precision, de
     metrics.write({"step": step, **{f"quality/{key}": value for key, value in scores.items()}})
     log.info("step %d held-out quality: colour %.0f%%, direction %.0f%%, shape %.0f%%", step,
              100 * scores["colour_accuracy"], 100 * scores["direction_accuracy"], 100 * scores["shape_accuracy"])
+
+
+def stopped(state: TrainState, signals: StopSignals, kept: str) -> TrainState:
+    state.stopped_by = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
+    log.warning("stopped by %s at step %d; %s", state.stopped_by, state.step, kept)
+    return state
 
 
 def stop_requested(signals: StopSignals, info: DistInfo) -> bool:

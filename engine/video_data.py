@@ -14,8 +14,9 @@ Bad input (missing, unreadable, corrupt or too-short video, empty caption, broke
 (seed, index, attempt). When more than `max_bad_fraction` of the draws for one batch (or one item, through
 `__getitem__`) fail, it raises `DataError`.
 
-Manifests (CSV with a header row, or JSONL with one object per line): columns `path` and `caption` are required;
-`start` and `end` (seconds, a window inside the video) and `label` (int) are optional. `path` is relative to `root`
+Manifests (CSV with a header row, or JSONL with one object per line; UTF-8 with or without a byte-order mark): columns
+`path` and `caption` (strings) are required; `start` and `end` (finite seconds >= 0, a window inside the video) and
+`label` (int >= 0) are optional. A bad row is a DataError naming the manifest and line. `path` is relative to `root`
 (or to the manifest's folder when `root` is empty).
 
 Image folder for joint training (`image_root`): images (.jpg .jpeg .png .webp .bmp) anywhere under the folder. An
@@ -26,6 +27,7 @@ file name's stem with `_` and `-` read as spaces ("a_red_car.jpg" -> "a red car"
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -85,42 +87,83 @@ def read_manifest(manifest: str | Path, root: str | Path = "") -> list[ClipEntry
     return entries
 
 
+def read_text(manifest: Path) -> str:
+    """The manifest's text: UTF-8, with or without a byte-order mark; DataError naming the line of a bad byte."""
+    raw = manifest.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise DataError(f"{manifest}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x}); save the manifest as "
+                        f"UTF-8") from None
+
+
 def _csv_rows(manifest: Path):
-    with open(manifest, newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
+    reader = csv.DictReader(io.StringIO(read_text(manifest), newline=""))
+    try:
         missing = [c for c in ("path", "caption") if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{manifest}:1: header lacks column {missing[0]!r} (expected path,caption[,start,end])")
         for row in reader:
             yield reader.line_num, row
+    except csv.Error as error:
+        raise DataError(f"{manifest}:{reader.line_num}: not valid CSV ({error})") from None
 
 
 def _jsonl_rows(manifest: Path):
-    with open(manifest, encoding="utf-8") as file:
-        for line, text in enumerate(file, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{manifest}:{line}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{manifest}:{line}: expected a JSON object with keys path and caption")
-            yield line, row
+    for line, text in enumerate(read_text(manifest).splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{manifest}:{line}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{manifest}:{line}: expected a JSON object with keys path and caption")
+        yield line, row
+
+
+def _seconds(row: dict, key: str, where: str) -> float | None:
+    value = row.get(key)
+    if value in (None, ""):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DataError(f"{where}: {key} must be a number of seconds, got {json.dumps(value)}")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise DataError(f"{where}: {key} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise DataError(f"{where}: {key} must be a finite number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def _label(row: dict, where: str) -> int:
+    value = row.get("label")
+    if value in (None, ""):
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+        raise DataError(f"{where}: label must be a class index (an int >= 0), got {json.dumps(value)}")
+    if int(value) < 0:
+        raise DataError(f"{where}: label must be a class index (an int >= 0), got {value}")
+    return int(value)
 
 
 def _entry(row: dict, line: int, manifest: Path, base: Path) -> ClipEntry:
+    where = f"{manifest}:{line}"
     for column in ("path", "caption"):
         if row.get(column) is None:
-            raise DataError(f"{manifest}:{line}: missing {column!r} (expected path,caption[,start,end])")
-    try:
-        start, end = (float(row[k]) if row.get(k) not in (None, "") else None for k in ("start", "end"))
-        label = int(row["label"]) if row.get("label") not in (None, "") else 0
-    except ValueError as error:
-        raise DataError(f"{manifest}:{line}: start/end must be seconds and label an int ({error})") from None
+            raise DataError(f"{where}: missing {column!r} (expected path,caption[,start,end])")
+    if not isinstance(row["path"], str) or not row["path"].strip():
+        raise DataError(f"{where}: path must be a non-empty string, got {json.dumps(row['path'])}")
+    if not isinstance(row["caption"], str):
+        raise DataError(f"{where}: caption must be a string, got {json.dumps(row['caption'])}")
+    start, end, label = _seconds(row, "start", where), _seconds(row, "end", where), _label(row, where)
     if start is not None and end is not None and end <= start:
-        raise DataError(f"{manifest}:{line}: end ({end}) must be after start ({start})")
-    return ClipEntry(str(base / row["path"]), str(row["caption"]).strip(), label, start, end)
+        raise DataError(f"{where}: end ({end}) must be after start ({start})")
+    return ClipEntry(str(base / row["path"]), row["caption"].strip(), label, start, end)
 
 
 # ---------------------------------------------------------------------------------------------------------- decoding

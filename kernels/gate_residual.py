@@ -11,6 +11,7 @@ functional entry points.
 """
 import torch
 
+from .lean import activation_dtype
 from .layernorm_modulate import check_activation, check_group_vector, row_backward, row_forward
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -20,8 +21,7 @@ def _check_residual_inputs(residual, gate, y):
     residual = check_activation("residual", residual)
     y = check_activation("y", y, residual.shape)
     gate = check_group_vector("gate", gate, residual.shape[0], residual.shape[2])
-    out_dtype = torch.promote_types(residual.dtype, torch.promote_types(gate.dtype, y.dtype))
-    return residual, gate, y, out_dtype
+    return residual, gate, y, residual.dtype  # the residual stream keeps its dtype (train.residual_dtype)
 
 
 def _vector_grad(grad, like):
@@ -50,11 +50,12 @@ class GateResidualFunction(torch.autograd.Function):
 
 class GateResidualLayerNormModulateFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, residual, gate, y, shift, scale, eps):
+    def forward(ctx, residual, gate, y, shift, scale, eps, normed_dtype):
         residual, gate, y, out_dtype = _check_residual_inputs(residual, gate, y)
         shift = check_group_vector("shift", shift, residual.shape[0], residual.shape[2])
         scale = check_group_vector("scale", scale, residual.shape[0], residual.shape[2])
-        out, normed, mean, rstd = row_forward(residual, shift, scale, eps, gate=gate, y=y, out_dtype=out_dtype)
+        out, normed, mean, rstd = row_forward(residual, shift, scale, eps, gate=gate, y=y, out_dtype=out_dtype,
+                                              normed_dtype=normed_dtype)
         ctx.save_for_backward(out, mean, rstd, scale, gate, y)
         ctx.shift_groups = shift.shape[0]
         ctx.dtypes = (residual.dtype, shift.dtype)
@@ -67,7 +68,8 @@ class GateResidualLayerNormModulateFunction(torch.autograd.Function):
         dresidual, dshift, dscale, dy, dgate = row_backward(
             dnormed.contiguous(), out, mean, rstd, scale, ctx.shift_groups, dresidual_out=dout.contiguous(),
             gate=gate, y=y, dx_dtype=residual_dtype, dy_dtype=y.dtype)
-        return dresidual, _vector_grad(dgate, gate), dy, dshift.to(shift_dtype), _vector_grad(dscale, scale), None
+        return (dresidual, _vector_grad(dgate, gate), dy, dshift.to(shift_dtype), _vector_grad(dscale, scale), None,
+                None)
 
 
 def gate_residual(residual, gate, y):
@@ -77,4 +79,4 @@ def gate_residual(residual, gate, y):
 
 def gate_residual_layernorm_modulate(residual, gate, y, shift, scale, eps: float = 1e-6):
     """(out, LN(out) * (1 + scale) + shift) with out = residual + gate * y, in one pass over the rows."""
-    return GateResidualLayerNormModulateFunction.apply(residual, gate, y, shift, scale, eps)
+    return GateResidualLayerNormModulateFunction.apply(residual, gate, y, shift, scale, eps, activation_dtype(residual))

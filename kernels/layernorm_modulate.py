@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .lean import activation_dtype
+
 MAX_FEATURES = 16384  # one row must fit one program's registers
 
 
@@ -175,18 +177,21 @@ def check_activation(name: str, tensor: torch.Tensor, shape=None) -> torch.Tenso
     return tensor.contiguous()
 
 
-def row_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None, normalize=True, out_dtype=None):
+def row_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None, normalize=True, out_dtype=None,
+                normed_dtype=None):
     """Launch the forward row kernel on [N, S, D] activations.
 
     Returns (residual_out, normed, mean, rstd), None where a path is off; gate/y given -> the row input is x + gate * y.
+    residual_out comes in out_dtype, normed in normed_dtype (both default to x's dtype).
     """
     n, s, d = x.shape
     gated = gate is not None
     out_dtype = out_dtype or x.dtype
+    normed_dtype = normed_dtype or out_dtype
     n_rows = n * s
     block_rows, block_d, num_warps = _row_blocks(d)
     residual_out = empty_output(x.shape, out_dtype, x.device) if gated else None
-    normed = empty_output(x.shape, out_dtype, x.device) if normalize else None
+    normed = empty_output(x.shape, normed_dtype, x.device) if normalize else None
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device) if normalize else None
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device) if normalize else None
     gate, shift, scale = (v if v is not None else x[0, :1] for v in (gate, shift, scale))  # placeholders if off
@@ -198,7 +203,7 @@ def row_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None, normaliz
         gate.stride(0), shift.stride(0), scale.stride(0), eps,
         BLOCK_ROWS=block_rows, BLOCK_D=block_d, GATED_RESIDUAL=gated, NORMALIZE=normalize, num_warps=num_warps,
     )
-    return finish_output(residual_out, out_dtype), finish_output(normed, out_dtype), mean, rstd
+    return finish_output(residual_out, out_dtype), finish_output(normed, normed_dtype), mean, rstd
 
 
 def _sum_partials(partial: torch.Tensor, groups: int) -> torch.Tensor:
@@ -257,11 +262,11 @@ def row_backward(dout=None, x=None, mean=None, rstd=None, scale=None, shift_grou
 
 class LayerNormModulateFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, shift, scale, eps):
+    def forward(ctx, x, shift, scale, eps, out_dtype):
         x = check_activation("x", x)
         shift = check_group_vector("shift", shift, x.shape[0], x.shape[2])
         scale = check_group_vector("scale", scale, x.shape[0], x.shape[2])
-        _, normed, mean, rstd = row_forward(x, shift, scale, eps)
+        _, normed, mean, rstd = row_forward(x, shift, scale, eps, normed_dtype=out_dtype)
         ctx.save_for_backward(x, mean, rstd, scale)
         ctx.shift_groups = shift.shape[0]
         ctx.vector_dtypes = (shift.dtype, scale.dtype)
@@ -272,9 +277,10 @@ class LayerNormModulateFunction(torch.autograd.Function):
         x, mean, rstd, scale = ctx.saved_tensors
         dx, dshift, dscale, _, _ = row_backward(dout.contiguous(), x, mean, rstd, scale, ctx.shift_groups)
         shift_dtype, scale_dtype = ctx.vector_dtypes
-        return dx, dshift.to(shift_dtype), dscale.to(scale_dtype), None
+        return dx, dshift.to(shift_dtype), dscale.to(scale_dtype), None, None
 
 
 def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
-    """LN(x) without affine, then LN(x) * (1 + scale) + shift.   x [N, S, D], shift/scale [M, D] -> [N, S, D]."""
-    return LayerNormModulateFunction.apply(x, shift, scale, eps)
+    """LN(x) without affine, then LN(x) * (1 + scale) + shift.   x [N, S, D], shift/scale [M, D] -> [N, S, D]
+    in the activation dtype (autocast's under autocast: the next linear's input, not cast and kept again)."""
+    return LayerNormModulateFunction.apply(x, shift, scale, eps, activation_dtype(x))

@@ -6,7 +6,7 @@ Model modules that use fused ops carry a `kernels: KernelSet` attribute (the tor
 from dataclasses import dataclass
 from typing import Callable
 
-from . import reference
+from . import lean, reference
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,9 @@ class KernelSet:
 TORCH_KERNELS = KernelSet(
     name="torch",
     patch_embed=reference.patch_embed,
-    layernorm_modulate=reference.layernorm_modulate,
-    gate_residual=reference.gate_residual,
-    gate_residual_layernorm_modulate=reference.gate_residual_layernorm_modulate,
+    layernorm_modulate=lean.layernorm_modulate,  # the reference's values, saving what the Triton kernels save
+    gate_residual=lean.gate_residual,
+    gate_residual_layernorm_modulate=lean.gate_residual_layernorm_modulate,
 )
 
 KERNEL_SET_NAMES = ("torch", "triton")

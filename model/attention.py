@@ -47,16 +47,3 @@ class CrossAttention(nn.Module):
         out = self.attention_fn(q, k, v, mask)
         return self.proj(out.reshape(rows, length, dim))
 
-
-class Mlp(nn.Module):
-    """Linear, GELU-tanh, Linear."""
-
-    def __init__(self, hidden_size: int, mlp_ratio: float):
-        super().__init__()
-        inner = int(hidden_size * mlp_ratio)
-        self.fc1 = nn.Linear(hidden_size, inner)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(inner, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))

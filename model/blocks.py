@@ -6,7 +6,8 @@ from torch import nn
 
 from ristretto.kernels.registry import TORCH_KERNELS
 
-from .attention import CrossAttention, Mlp, SelfAttention
+from .attention import CrossAttention, SelfAttention
+from .mlp import Mlp
 
 
 class LatteBlock(nn.Module):
@@ -17,7 +18,7 @@ class LatteBlock(nn.Module):
         self.modulation = modulation  # -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D)
         self.attn = SelfAttention(hidden_size, num_heads)
         self.cross_attn = CrossAttention(hidden_size, num_heads) if cross_attention else None
-        self.mlp = Mlp(hidden_size, mlp_ratio)
+        self.mlp = Mlp(hidden_size, mlp_ratio, eps)
         self.kernels = TORCH_KERNELS
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor | None = None,
@@ -26,13 +27,11 @@ class LatteBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(cond)  # each (B, D)
         ops = self.kernels
         attn_out = self.attn(ops.layernorm_modulate(x, shift_msa, scale_msa, self.eps))  # (N, S, D)
-        if self.cross_attn is None:
-            x, h = ops.gate_residual_layernorm_modulate(x, gate_msa, attn_out, shift_mlp, scale_mlp, self.eps)
-        else:
-            x = ops.gate_residual(x, gate_msa, attn_out)
+        x = ops.gate_residual(x, gate_msa, attn_out)
+        if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, context_mask)  # PixArt: no norm, no gate before cross-attention
-            h = ops.layernorm_modulate(x, shift_mlp, scale_mlp, self.eps)
-        return ops.gate_residual(x, gate_mlp, self.mlp(h))  # (N, S, D)
+        # The MLP branch is one op (LN-modulate, MLP, gated residual) that keeps only x and one hidden for backward.
+        return self.mlp(x, shift_mlp, scale_mlp, gate_mlp)  # (N, S, D)
 
 
 class FinalLayer(nn.Module):

@@ -31,6 +31,9 @@ class Latte(nn.Module):
                        cross_attention=conditioning.has_context and index % 2 == 0, eps=eps)
             for index in range(2 * depth)
         )
+        # The residual stream's dtype between blocks (train.residual_dtype: bf16 halves every saved block input);
+        # set from outside by engine/build.py, like the kernels.
+        self.residual_dtype = torch.float32
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, conditioning.modulation(2, hidden_size),
                                       eps=eps)
         self.initialize_weights()
@@ -65,7 +68,7 @@ class Latte(nn.Module):
         batch, total_frames, _, height, width = x.shape
         video_frames = total_frames - num_images
         cond = self.conditioning(timestep, video_frames=video_frames, **conditions)
-        tokens = self.patch_embed(x.flatten(0, 1))  # (B*(F+I), S, D)
+        tokens = self.patch_embed(x.flatten(0, 1)).to(self.residual_dtype)  # (B*(F+I), S, D)
         for layer, (spatial, temporal) in enumerate(zip(self.blocks[0::2], self.blocks[1::2])):
             tokens = spatial(tokens, cond.block, context=cond.context, context_mask=cond.context_mask)
             frames = to_temporal(tokens, batch, video_frames)  # (B*S, F, D)

@@ -36,7 +36,7 @@ def test_step_options_reach_our_model():
 
 
 def test_memory_smoke_matches_planner(tmp_path, capsys):
-    payload = memory_bench.main(["--out", str(tmp_path), "--modes", "none,full,selective-mlp"])
+    payload = memory_bench.main(["--out", str(tmp_path), "--modes", "none,full,selective-mlp", "--no-layers"])
     written = json.loads((tmp_path / "memory_cpu.json").read_text())
     assert written["rows"] == payload["rows"]
     assert len(payload["rows"]) == 3 * len(memory_bench.SMOKE_CONFIGS)

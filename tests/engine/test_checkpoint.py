@@ -33,6 +33,7 @@ def train_command(run_dir: Path, *extra: str) -> list[str]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "event" not in r]  # e.g. {"event": "resume"} marks where a resume began
     steps = [r["step"] for r in records]
     assert steps == sorted(set(steps)), f"metrics.jsonl steps out of order or repeated: {steps}"
     return {r["step"]: r["loss"] for r in records}

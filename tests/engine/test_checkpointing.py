@@ -87,3 +87,20 @@ def test_every_k_wraps_every_kth_block_and_unknown_mode_is_rejected():
     assert wrapped == len(model.blocks[::3]) == 2  # 4 blocks (2 layers x spatial+temporal): blocks 0 and 3
     with pytest.raises(ValueError, match="train.checkpointing"):
         make_model("sometimes")
+
+
+def test_auto_choices_per_block_give_the_same_gradients():
+    """checkpointing=auto applies one choice per block (the planner's); any mix keeps loss and gradients."""
+    reference_model, _ = make_model("none")
+    ref_loss, ref_grads, ref_saved = loss_grads_and_saved(reference_model)
+    torch.manual_seed(0)
+    model = build_plain_model(build_config("tiny-t2v", TINY))
+    model.load_state_dict(reference_model.state_dict())
+    wrapped = apply_activation_checkpointing(model, "auto", choices=["attention", "mlp", "full", "none"])
+    assert wrapped == 4  # attention + cross-attention of spatial block 0; an MLP; one whole block
+    loss, grads, saved = loss_grads_and_saved(model)
+    assert torch.equal(loss, ref_loss) and saved < ref_saved
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="auto"):
+        apply_activation_checkpointing(model, "auto", choices=["none"])

@@ -86,6 +86,14 @@ def test_resume_from_missing_or_empty_places(tmp_path, saved_run, capsys):
     empty_run = tmp_path / "empty"
     empty_run.mkdir()
     (empty_run / "config.json").write_text((saved_run / "config.json").read_text())
+    # A run that stopped before its first checkpoint starts again from its saved config (not "no checkpoint").
+    config, run_dir, found = prepare(parse_args(["--resume", "auto", "--out", str(empty_run)]))
+    assert (run_dir, found) == (empty_run, None) and config_to_dict(config) == json.loads(
+        (saved_run / "config.json").read_text())
+    # One whose checkpoints are all damaged is refused: its history would be lost.
+    corrupt = empty_run / "checkpoints" / "step_00000002"
+    corrupt.mkdir(parents=True)
+    (corrupt / "manifest.json").write_text("{")
     assert main(["--resume", "auto", "--out", str(empty_run)]) == 2
     assert "no good checkpoint" in one_error_line(capsys)
     assert main(["--preset", "nope", "--resume", "auto", "--out", str(saved_run)]) == 2

@@ -26,7 +26,7 @@ def one_thread():
         yield
 
 
-def within(predicted: int, measured: int, tolerance: float = 0.10) -> bool:
+def within(predicted: int, measured: int, tolerance: float = 0.02) -> bool:
     return abs(predicted - measured) <= tolerance * measured
 
 
@@ -47,7 +47,10 @@ def test_activations_match_saved_tensors(size, mode):
     ["train.precision=bf16", "model.attention_backend=sdpa-math"],  # math upcasts to fp32 inside
     ["train.precision=bf16", "train.checkpointing=selective-mlp"],  # the checkpoint keeps the fp32 MLP input
     ["data.num_images=2", "data.frames=4", "model.pooled_caption=true"],  # per-frame captions, pooled caption
-], ids=["math", "bf16", "bf16-math", "bf16-selective-mlp", "images"])
+    ["train.precision=bf16", "train.residual_dtype=fp32"],      # an fp32 residual stream: twice each block input
+    ["train.precision=bf16", "model.kernels=triton"],           # Triton LN-modulate keeps mean/rstd too
+    ["train.precision=bf16", "train.residual_dtype=fp32", "train.checkpointing=full"],
+], ids=["math", "bf16", "bf16-math", "bf16-selective-mlp", "images", "fp32-residual", "triton", "fp32-residual-full"])
 def test_activation_variants_of_tiny_t2v(overrides):
     config = build_config("tiny-t2v", ["train.batch_size=4", *overrides])
     assert within(plan.predict_memory(config, "cpu").activation_bytes, measure_saved_bytes(config))
@@ -125,9 +128,52 @@ def test_fit_search_says_none_when_nothing_fits():
 def test_checkpointing_needed_is_the_least_recompute_that_fits():
     config = build_config("latte-t2v-512", ["train.batch_size=4"])
     assert plan.checkpointing_needed(config, 1000 * plan.GIB) == "none"
-    assert plan.checkpointing_needed(config, 80 * plan.GIB) == "full"  # batch 4 at 512^2 needs full
-    needed = plan.checkpointing_needed(build_config("latte-xl2-ucf", ["train.batch_size=12"]), 80 * plan.GIB)
+    assert plan.checkpointing_needed(config, 80 * plan.GIB) == "every-k"  # half of the blocks recomputed
+    fp32_residual = plan.with_value(config, "train.residual_dtype", "fp32")
+    assert plan.checkpointing_needed(fp32_residual, 80 * plan.GIB) == "full"
+    needed = plan.checkpointing_needed(build_config("latte-xl2-ucf", ["train.batch_size=24"]), 80 * plan.GIB)
     assert needed not in (None, "none", "full")
+
+
+@pytest.mark.parametrize("budget_gb", [3.0, 3.6, 1000.0])
+def test_auto_plan_matches_saved_tensors_and_fits_the_budget(budget_gb):
+    """auto on CPU with an explicit budget: the planner's per-block choice, applied by engine/build, keeps what the
+    plan says (within 2%), fits the budget, and recomputes nothing when everything fits."""
+    preset, overrides = MODELS["small"]
+    config = build_config(preset, [*overrides, "train.checkpointing=auto", f"train.memory_budget_gb={budget_gb}",
+                                   "train.batch_size=8"])
+    predicted = plan.predict_memory(config, "cpu")
+    assert within(predicted.activation_bytes, measure_saved_bytes(config))
+    none = plan.predict_memory(plan.with_value(config, "train.checkpointing", "none"), "cpu")
+    if none.fits(budget_gb * plan.GIB):
+        assert set(predicted.choices) == {"none"}
+    else:
+        assert predicted.fits(budget_gb * plan.GIB) and set(predicted.choices) != {"none"}
+
+
+def test_auto_recomputes_less_than_the_fixed_mode_that_fits():
+    config = build_config("latte-t2v-512", ["train.batch_size=4", "train.checkpointing=auto"])
+    auto = plan.predict_memory(config, budget_bytes=80 * plan.GIB)
+    assert auto.fits(80 * plan.GIB)
+    full = plan.recompute_flops(plan.with_value(config, "train.checkpointing", "full"), "full")
+    assert plan.auto_recompute_flops(config, auto.choices) < 0.8 * full
+    assert "checkpointing auto:" in auto.format()
+
+
+def test_auto_needs_a_budget_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = build_config("tiny-t2v", ["train.checkpointing=auto"])
+    with pytest.raises(ValueError, match="train.memory_budget_gb"):
+        plan.predict_memory(config, "cpu")
+
+
+def test_flash_workspace_is_planned_at_the_padded_head_dim():
+    assert plan.flash_padded_head_dim(72) == 96 and plan.flash_padded_head_dim(64) == 64
+    config = build_config("latte-t2v-512")
+    workspace = plan.predict_memory(config).breakdown["transient.attention backward workspace"]
+    # temporal attention dominates: B*S = 1024 rows of 16 frames, each rounded up to 128 queries; fp32 dq at
+    # width 96 plus the row sums
+    assert workspace == 4 * 1024 * 128 * 16 * (96 + 1)
 
 
 def test_cli_prints_plan_and_fit(capsys):
@@ -146,3 +192,16 @@ def test_format_lists_every_term():
     text = predicted.format()
     assert all(key.split(".")[-1] in text for key in predicted.breakdown)
     assert "one spatial block, MiB" in text and "one temporal block, MiB" in text
+
+
+@pytest.mark.parametrize("preset", ["tiny-t2v", "tiny-class"])
+def test_auto_plan_matches_saved_tensors_with_ema_and_a_midway_budget(preset):
+    """Tiny models, where the EMA copy moves the budget left for activations: the applied choice is the plan's."""
+    overrides = ["train.batch_size=2", "data.frames=4"]
+    ends = [plan.predict_memory(build_config(preset, [*overrides, f"train.checkpointing={mode}"]), "cpu")
+            for mode in ("none", "full")]
+    budget = sum(end.required_bytes for end in ends) / 2 / plan.GIB
+    config = build_config(preset, [*overrides, "train.checkpointing=auto", f"train.memory_budget_gb={budget}"])
+    predicted = plan.predict_memory(config, "cpu")
+    assert {"none"} < set(predicted.choices) | {"none"} and predicted.fits(budget * plan.GIB)
+    assert within(predicted.activation_bytes, measure_saved_bytes(config))

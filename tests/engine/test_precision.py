@@ -10,6 +10,9 @@ from torch import nn
 from ristretto.engine import precision as prec
 from ristretto.engine.precision import apply_precision, fp8_linear_filter, load_plain_state_dict, plain_state_dict
 
+from . import fake_te as fake_te_module
+from .fake_te import Linear as FakeTELinear
+
 DIM = 64
 
 
@@ -24,7 +27,7 @@ class ToyBlock(nn.Module):
         self.mlp = nn.Module()
         self.mlp.fc1, self.mlp.fc2 = nn.Linear(DIM, 4 * DIM), nn.Linear(4 * DIM, DIM)  # FP8
         self.odd_in, self.odd_out = nn.Linear(DIM, 72), nn.Linear(72, DIM)             # 72 % 16 != 0: stays
-        self.tiny = nn.Linear(DIM, 32, bias=False)                                     # < FP8_MIN_DIM: stays
+        self.tiny = nn.Linear(DIM, 24, bias=False)                                     # 24 % 16 != 0: stays
 
     def forward(self, x, c):                                                 # x (B, S, D), c (B, D)
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)   # (B, 1, D) each
@@ -69,38 +72,11 @@ def any_device_fp8(monkeypatch):
     monkeypatch.setattr(prec, "check_fp8_device", lambda device, precision, recipe: None)
 
 
-# ---- fake Transformer Engine: te.Linear with _extra_state, fp8_autocast recording its recipe ----
-
-class FakeTELinear(nn.Linear):
-    def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
-        super().__init__(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
-
-    def get_extra_state(self):
-        return torch.tensor([1.0])  # stands in for TE's FP8 scaling metadata
-
-    def set_extra_state(self, state):
-        pass
-
+# ---- Transformer Engine stand-in (tests/engine/fake_te.py) ----
 
 @pytest.fixture
 def fake_te(monkeypatch):
-    entered = []
-
-    @contextlib.contextmanager
-    def fp8_autocast(enabled, fp8_recipe):
-        entered.append((enabled, fp8_recipe))
-        yield
-
-    recipes = types.ModuleType("transformer_engine.common.recipe")
-    for cls in ("DelayedScaling", "Float8CurrentScaling", "Float8BlockScaling", "MXFP8BlockScaling"):
-        setattr(recipes, cls, type(cls, (), {}))
-    te = types.ModuleType("transformer_engine.pytorch")
-    te.Linear, te.fp8_autocast, te.entered = FakeTELinear, fp8_autocast, entered
-    for name, module in [("transformer_engine", types.ModuleType("transformer_engine")),
-                         ("transformer_engine.pytorch", te), ("transformer_engine.common", types.ModuleType("c")),
-                         ("transformer_engine.common.recipe", recipes)]:
-        monkeypatch.setitem(sys.modules, name, module)
-    return te
+    return fake_te_module.install(monkeypatch)
 
 
 # ---- the filter ----
@@ -109,18 +85,48 @@ def test_filter_picks_only_block_linears_with_fp8_shapes():
     assert prec.fp8_linear_names(toy_model()) == FP8_NAMES
 
 
-@pytest.mark.parametrize("name, module, expected", [
-    ("blocks.3.attn.qkv", nn.Linear(1152, 3456), True),
-    ("blocks.3.attn.qkv", nn.Linear(72, 64), False),           # not divisible by 16
-    ("blocks.3.mlp.fc1", nn.Linear(48, 64), False),            # too small
-    ("blocks.3.adaLN_modulation.1", nn.Linear(1152, 6912), False),
-    ("proj_out", nn.Linear(1152, 1152), False),                 # final projection
-    ("t_embedder.mlp.0", nn.Linear(256, 1152), False),          # timestep MLP
-    ("caption_projection.linear_1", nn.Linear(4096, 1152), False),
-    ("blocks.3.norm1", nn.LayerNorm(1152), False),
+LATTE1_ROWS = 16 * 1024  # Latte-1 at 512^2: 16 frames x 32x32 tokens per sample, batch 1
+
+
+@pytest.mark.parametrize("name, module, rows, expected", [
+    ("blocks.3.attn.qkv", nn.Linear(1152, 3456), LATTE1_ROWS, True),
+    ("blocks.3.attn.proj", nn.Linear(1152, 1152), LATTE1_ROWS, True),     # intensity 556
+    ("blocks.3.mlp.fc2", nn.Linear(4608, 1152), LATTE1_ROWS, True),
+    ("blocks.3.cross_attn.kv", nn.Linear(1152, 2304), 120, False),        # 120 caption rows: intensity 103
+    ("blocks.3.attn.proj", nn.Linear(1152, 1152), 256, False),            # few rows: memory-bound
+    ("blocks.3.mlp.fc1", nn.Linear(64, 256), 2048, False),                # a 64-wide model: intensity < 64
+    ("blocks.3.mlp.fc1", nn.Linear(64, 256), None, True),                 # rows unknown: the shape part only
+    ("blocks.3.attn.qkv", nn.Linear(72, 64), None, False),                # not divisible by 16
+    ("blocks.3.attn.qkv", nn.Linear(1160, 3456), LATTE1_ROWS, False),     # 1160 % 16 != 0
+    ("blocks.3.adaLN_modulation.1", nn.Linear(1152, 6912), LATTE1_ROWS, False),
+    ("proj_out", nn.Linear(1152, 1152), LATTE1_ROWS, False),               # final projection
+    ("t_embedder.mlp.0", nn.Linear(256, 1152), LATTE1_ROWS, False),        # timestep MLP
+    ("caption_projection.linear_1", nn.Linear(4096, 1152), LATTE1_ROWS, False),
+    ("blocks.3.norm1", nn.LayerNorm(1152), LATTE1_ROWS, False),
 ])
-def test_filter_rules(name, module, expected):
-    assert fp8_linear_filter(name, module) is expected
+def test_filter_rules(name, module, rows, expected):
+    assert fp8_linear_filter(name, module, rows) is expected
+
+
+def test_gemm_rows_of_caption_linears():
+    rows = prec.gemm_rows(batch_size=2, tokens_per_sample=1000, caption_length=120)
+    assert rows("blocks.0.cross_attn.kv") == 240 and rows("blocks.0.cross_attn.q") == 2000
+    assert rows("blocks.1.mlp.fc1") == 2000
+
+
+def test_latte1_plan_of_the_rule():
+    """On Latte-1 every block linear but cross-attention K/V goes to FP8; on the 64-wide proof model none does."""
+    from ristretto.engine.build import build_plain_model, fp8_gemm_rows
+    from ristretto.engine.config import build_config
+
+    config = build_config("latte-t2v-512", ["model.depth=1", "model.vae=identity", "model.in_channels=4",
+                                            "data.resolution=64", "model.patch_size=2"])  # 32x32 tokens, no VAE
+    model = build_plain_model(config)
+    chosen = prec.fp8_linear_names(model, fp8_gemm_rows(config))
+    eligible = prec.fp8_linear_names(model)
+    assert sorted(set(eligible) - set(chosen)) == ["blocks.0.cross_attn.kv"]
+    proof = build_config("synthetic-proof")
+    assert prec.fp8_linear_names(build_plain_model(proof), fp8_gemm_rows(proof)) == []
 
 
 @pytest.mark.parametrize("preset", ["tiny-t2v", "tiny-class"])
@@ -221,9 +227,12 @@ def test_fp8_te_swaps_chosen_linears_and_wraps_forward(fake_te, any_device_fp8, 
     with precision.autocast():
         out = model(*toy_batch())
         assert torch.is_autocast_enabled("cpu")
-    assert [(enabled, type(r).__name__) for enabled, r in fake_te.entered] == [(True, recipe_class)]
+    assert [(enabled, type(r).__name__, group) for enabled, r, group in fake_te.STATE.entered] == \
+        [(True, recipe_class, None)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.testing.assert_close(out, reference(*toy_batch()))  # same weights, so the same bf16 forward
+        expected = reference(*toy_batch())
+    # the same weights, so the bf16 forward up to FP8 rounding (e4m3: 3 mantissa bits)
+    assert (out.float() - expected.float()).abs().mean() < 0.1 * expected.float().abs().mean()
 
 
 # ---- checkpoints across precisions ----
@@ -255,19 +264,16 @@ def test_checkpoint_round_trip_across_precisions(fake_te, any_device_fp8, source
     assert_same_state(plain_state_dict(model), saved)
 
 
-def test_newer_te_autocast_is_preferred(fake_te, any_device_fp8):
-    entered = []
-
-    @contextlib.contextmanager
-    def autocast(enabled, recipe):
-        entered.append((enabled, type(recipe).__name__))
-        yield
-
-    fake_te.autocast = autocast  # newer TE: te.autocast(recipe=...), fp8_autocast deprecated
+def test_newer_te_autocast_is_preferred(monkeypatch, any_device_fp8):
+    te = fake_te_module.install(monkeypatch, with_new_autocast=True)  # te.autocast(recipe=, amax_reduction_group=)
+    calls = []
+    te.fp8_autocast = lambda **kwargs: calls.append(kwargs)  # deprecated in newer TE: must not be called
     precision = apply_precision(toy_model(), "fp8-te", "current")
+    precision.fp8_group = "the group"
     with precision.autocast():
         pass
-    assert entered == [(True, "Float8CurrentScaling")] and fake_te.entered == []
+    assert [(enabled, type(r).__name__, group) for enabled, r, group in te.STATE.entered] == \
+        [(True, "Float8CurrentScaling", "the group")] and calls == []
 
 
 def test_raw_te_state_dict_loads_into_plain_model(fake_te, any_device_fp8):
@@ -328,3 +334,85 @@ def test_gpu_fp8_training_tracks_bf16(precision_name, recipe):
     if torch.cuda.get_device_capability() < needed:
         pytest.skip(f"{recipe} needs sm_{needed[0]}{needed[1]}")
     assert_tracks_bf16(train_losses(precision_name, recipe, "cuda"), train_losses("bf16", device="cuda"))
+
+
+# ---- fp8-ao: compile or emulation; recipes ----
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["train.precision=fp8-ao"], r"^train.precision=fp8-ao needs train.compile=true: eager torchao float8 is slower"),
+    (["train.precision=bf16", "train.fp8_emulate=true"], r"^train.fp8_emulate: only torchao emulates float8; needs "
+                                                         r"train.precision=fp8-ao, got bf16$"),
+])
+def test_fp8_config_errors_name_the_fields(overrides, pattern):
+    from ristretto.engine.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=pattern):
+        build_config("tiny-t2v", overrides)
+
+
+def test_fp8_ao_with_compile_or_emulation_is_valid():
+    from ristretto.engine.config import build_config
+
+    build_config("tiny-t2v", ["train.precision=fp8-ao", "train.compile=true"])
+    build_config("tiny-t2v", ["train.precision=fp8-ao", "train.fp8_emulate=true"])
+
+
+@pytest.mark.parametrize("recipe, granularity", [("tensorwise", "TENSORWISE"), ("rowwise", "AXISWISE")])
+def test_fp8_ao_emulated_runs_on_cpu_with_its_recipe(recipe, granularity):
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    model = toy_model()
+    precision = apply_precision(model, "fp8-ao", recipe, emulate=True)  # no capability check: emulation
+    linears = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    assert precision.converted == FP8_NAMES and len(linears) == len(FP8_NAMES)
+    assert all(m.config.emulate and m.config.cast_config_input.scaling_granularity.name == granularity
+               for m in linears)
+    with precision.autocast():
+        model(*toy_batch()).float().square().mean().backward()
+
+
+def test_emulation_ignores_the_pays_off_part_but_not_the_shape_part():
+    pytest.importorskip("torchao.float8")
+    rows = prec.gemm_rows(batch_size=1, tokens_per_sample=16, caption_length=4)  # far below the threshold
+    assert apply_precision(toy_model(), "fp8-ao", "tensorwise", emulate=True, rows=rows).converted == FP8_NAMES
+
+
+def test_rule_keeps_small_gemms_in_bf16(fake_te, any_device_fp8, caplog):
+    rows = prec.gemm_rows(batch_size=1, tokens_per_sample=16, caption_length=4)
+    with caplog.at_level("INFO", logger=prec.__name__):
+        precision = apply_precision(toy_model(), "fp8-te", "delayed", rows=rows)
+    assert precision.converted == [] and precision.skipped == FP8_NAMES
+    assert "0 linears in FP8; 8 kept in bf16" in caplog.text and "FP8 rule:" in caplog.text
+
+
+# ---- the planner shows the rule and counts TE's copies ----
+
+def test_planner_shows_the_fp8_rule_and_counts_te_copies():
+    from ristretto.engine.config import build_config
+    from ristretto.engine.plan import predict_memory
+
+    latte1 = ["model.depth=2"]
+    bf16 = predict_memory(build_config("latte-t2v-512", latte1 + ["train.precision=bf16"]))
+    fp8 = predict_memory(build_config("latte-t2v-512", latte1 + ["train.precision=fp8-te"]))
+    assert "block linears in FP8 (FP8 rule:" in fp8.format() and "FP8 rule" not in bf16.format()
+    spatial_bf16, spatial_fp8 = bf16.block_parts["spatial"], fp8.block_parts["spatial"]
+    tokens, d, m = 16 * 1024, 1152, 4608
+    assert spatial_bf16["attention"] - spatial_fp8["attention"] == tokens * d  # qkv's input: 1 FP8 byte, not 2
+    # attention weights: row-wise + transposed FP8 = one bf16 copy; the FP8 MLP's weights add the same (the bf16
+    # MLP is the fused op, which keeps no weight copies)
+    assert spatial_fp8["weight copies"] - spatial_bf16["weight copies"] == 2 * 2 * d * m
+    tiny = predict_memory(build_config("synthetic-proof", ["train.precision=fp8-te"]))
+    assert "block linears stay bf16" in tiny.format()
+    assert tiny.peak_bytes == predict_memory(build_config("synthetic-proof", ["train.precision=bf16"])).peak_bytes
+
+
+def test_emulated_fp8_passes_the_preflight_on_cpu():
+    from ristretto.engine.config import ConfigError, build_config
+    from ristretto.engine.preflight import check_environment
+
+    check_environment(build_config("tiny-t2v", ["train.precision=fp8-ao", "train.fp8_emulate=true"]),
+                      torch.device("cpu"))
+    with pytest.raises(ConfigError, match="FP8 training needs an Ada/Hopper"):
+        check_environment(build_config("tiny-t2v", ["train.precision=fp8-ao", "train.compile=true"]),
+                          torch.device("cpu"))

@@ -130,7 +130,7 @@ def test_manifest_errors_name_file_and_line(videos, tmp_path):
         CaptionedVideos(jsonl, videos, **CLIP)
     bad_start = write_csv(tmp_path / "c.csv", [("long.mp4", "x", 0, 1), ("long.mp4", "y", "soon", 2)],
                           header="path,caption,start,end")
-    with pytest.raises(DataError, match=r"c\.csv:3: start/end"):
+    with pytest.raises(DataError, match=r"c\.csv:3: start must be a number of seconds"):
         CaptionedVideos(bad_start, videos, **CLIP)
     with pytest.raises(DataError, match="data.root: folder .*nowhere does not exist"):
         CaptionedVideos(no_caption, tmp_path / "nowhere", **CLIP)
