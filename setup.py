@@ -1,5 +1,10 @@
 """Ristretto: installs the top-level folders as the namespace package `ristretto`.
 
+torch is required but not pinned to a build: on a machine without an NVIDIA GPU install PyTorch's CPU wheel first
+(`pip install torch --index-url https://download.pytorch.org/whl/cpu`, README) and pip keeps it; on a GPU machine
+the default wheel brings CUDA and Triton, all the GPU path needs. GPU-only extras (FP8 backends, flash-attention) stay
+optional and are imported only by the feature that uses them.
+
 `ristretto` itself has no folder: each design-card folder maps to a sub-package, so nothing generic such as
 `model` or `kernels` lands in site-packages.
 """
@@ -21,6 +26,7 @@ setup(
         "safetensors",
         "tqdm",
         "pillow",
+        "matplotlib",  # the plots of every run's report.html (engine/report.py) and the benchmarks' charts
     ],
     extras_require={
         "video": ["av"],
@@ -37,6 +43,8 @@ setup(
             "ristretto-bench=ristretto.bench.__main__:main",
             "ristretto-plan=ristretto.engine.plan:main",
             "ristretto-cache=ristretto.engine.cache:main",
+            "ristretto-export=ristretto.engine.export:main",
+            "ristretto-report=ristretto.engine.report:main",
         ]
     },
 )

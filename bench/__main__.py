@@ -6,8 +6,11 @@ BENCHMARKS = {
     "kernels": "Triton kernels vs torch eager / torch.compile (GB/s, fraction of copy bandwidth)",
     "attention": "attention backends at Latte's spatial / temporal / cross shapes (TFLOP/s)",
     "step": "one training step: ours vs diffusers LatteTransformer3DModel (samples/s, MFU, peak memory)",
+    "loader": "clips/s out of the training DataLoader vs what the step consumes",
     "memory": "peak memory vs the planner's prediction; largest batch per checkpointing mode",
     "quality": "score a run's samples on the synthetic task (colour / direction / shape accuracy)",
+    "suite": "every GPU check in one call under a time budget (environment, gpu tests, benches, parity)",
+    "compile_check": "compile every Triton kernel for sm_90a on the CPU: registers, spills, smem, tensor cores",
 }
 
 

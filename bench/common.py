@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where results go without --out: beside training runs in the working directory (runs/ is git-ignored), never into
+# the installed source tree. GPU results meant to be committed are written with --out bench/results.
+RESULTS_DIR = Path("runs") / "bench"
 
 
 def device_name() -> str:

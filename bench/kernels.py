@@ -5,10 +5,11 @@
 On a GPU: bf16, D=1152, 16 frames, 256 and 1024 tokens per frame, batch 2 and 8; forward and forward+backward timed
 with triton.testing.do_bench; achieved GB/s counts the bytes an ideal fused op must move, and is compared with the
 device's copy bandwidth measured in the same run. Patch embedding is also compared with Conv2d + reshape + pos add.
-Writes a table to stdout, JSON to --out (default bench/results/) and a bar chart PNG next to it.
+Writes a table to stdout, JSON to --out (default runs/bench/ in the working directory) and a bar chart PNG next to
+it.
 
 Without CUDA it runs a smoke version: tiny shapes, Triton in the CPU interpreter, a wall-clock timer, no
-torch.compile, and results only written when --out is given (CPU numbers say nothing about the kernels' speed).
+torch.compile; its JSON says "smoke": true (CPU numbers say nothing about the kernels' speed).
 """
 import argparse
 import os
@@ -26,6 +27,7 @@ if not torch.cuda.is_available():
     # Triton picks interpreter or compiler when a kernel is decorated, so this must precede the kernel imports
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from ristretto.engine.progress import progress_bar  # noqa: E402
 from ristretto.bench.common import RESULTS_DIR, bar_chart, device_name, format_table, write_results  # noqa: E402
 from ristretto.kernels import reference  # noqa: E402
 
@@ -181,7 +183,7 @@ def bench_case(case: Case, triton_op, time_ms, copy_gbps, use_compile) -> list[d
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None,
-                        help="directory for the JSON and PNG (default: bench/results on a GPU; none on CPU)")
+                        help=f"directory for the JSON and PNG (default {RESULTS_DIR} in the working directory)")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes even on a GPU (always on without CUDA)")
     args = parser.parse_args(argv)
@@ -207,17 +209,14 @@ def main(argv=None) -> Path | None:
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s on {device_name()}" + (" (smoke run: tiny shapes)" if smoke else ""))
 
     rows = []
-    for op in args.ops.split(","):
-        for batch, tokens in sizes:
-            case = SETUPS[op](batch, tokens, frames, features, dtype, device)
-            rows += bench_case(case, getattr(TRITON_KERNELS, op), time_ms, copy_gbps, use_compile=on_gpu)
-            del case
+    cases = [(op, batch, tokens) for op in args.ops.split(",") for batch, tokens in sizes]
+    for op, batch, tokens in progress_bar(cases, desc="kernels", unit="case"):
+        case = SETUPS[op](batch, tokens, frames, features, dtype, device)
+        rows += bench_case(case, getattr(TRITON_KERNELS, op), time_ms, copy_gbps, use_compile=on_gpu)
+        del case
     print(format_table(rows))
 
-    out_dir = args.out if args.out is not None else (RESULTS_DIR if on_gpu else None)
-    if out_dir is None:
-        print("CPU smoke run: no results written (pass --out DIR to keep them)")
-        return None
+    out_dir = args.out if args.out is not None else RESULTS_DIR  # a CPU smoke run's JSON says "smoke": true
     payload = {
         "config": {"dtype": str(dtype), "frames": frames, "features": features, "patch": PATCH,
                    "sizes_batch_tokens": sizes, "smoke": smoke, "timer": "do_bench median" if on_gpu else "wall clock"},

@@ -20,11 +20,16 @@ layer, bf16 autocast). Writes a table, JSON (memory_<device>.json), a chart.
 import argparse
 import copy
 import gc
+import os
 from pathlib import Path
 
 import torch
 
-from ristretto.bench.common import RESULTS_DIR, format_table, write_report
+if not torch.cuda.is_available():
+    # the per-layer rows run Triton kernels: on a CPU in the interpreter, chosen before any kernel is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ristretto.bench.common import RESULTS_DIR, format_table, write_report  # noqa: E402
 from ristretto.bench.layer_memory import layer_rows
 from ristretto.bench.step import CONFIGS, StepConfig, cpu_threads, random_inputs
 from ristretto.engine.build import build_training_model
@@ -32,6 +37,7 @@ from ristretto.engine.checkpointing import AUTO, CHECKPOINTING_MODES
 from ristretto.engine.config import build_config
 from ristretto.engine.diffusion import Diffusion
 from ristretto.engine.plan import GIB, largest_that_fits, predict_memory
+from ristretto.engine.progress import progress_bar
 from ristretto.engine.train import TrainState, build_optimizer, micro_step_loss, optimizer_step
 
 MEMORY_OVERRIDES = ("data.kind=cached",)  # latents are given: no encoders (the plan then counts none either)
@@ -219,12 +225,14 @@ def run(args) -> dict:
     out_dir = Path(args.out) if args.out is not None else RESULTS_DIR
     precision = args.precision
     if cuda:
-        rows = [gpu_row(CONFIGS[name], mode, args, out_dir) for name in args.configs for mode in args.modes]
+        rows = [gpu_row(CONFIGS[name], mode, args, out_dir)
+                for name in progress_bar(args.configs, desc="memory", unit="config") for mode in args.modes]
         fit_rows = []
     else:
         # fp32 on CPU: bf16 autocast is slow there (tests/engine/test_plan.py checks a bf16 case too)
         precision = "fp32" if precision == "bf16" else precision
-        rows = [smoke_row(config, mode, precision, args.attention) for config in SMOKE_CONFIGS for mode in args.modes]
+        rows = [smoke_row(config, mode, precision, args.attention)
+                for config in progress_bar(SMOKE_CONFIGS, desc="memory", unit="config") for mode in args.modes]
         fit_rows = planner_fit_rows(args, 80.0) if args.fit else []
     print(format_table(rows))
     if fit_rows:
@@ -239,7 +247,7 @@ def run(args) -> dict:
                           "measured": "torch.cuda.max_memory_allocated over 2 optimizer steps" if cuda
                           else "bytes saved for backward (saved_tensors_hooks) in one training forward"},
                "rows": rows, "planner_fit": fit_rows, "per_layer_vs_diffusers": per_layer}
-    if cuda or args.out is not None:
+    if rows:  # on a CPU too, to runs/bench/ unless --out: its JSON says "smoke": true
         unit = "GiB" if cuda else "MiB"
         labels = [f"{r['config']} {r['checkpointing']}" for r in rows]
         series = {kind: [r.get(f"{kind} {unit}") or 0.0 for r in rows] for kind in ("planned", "measured")}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ristretto.engine.progress import progress_bar
 from ristretto.engine.sample import sample_videos
 from ristretto.engine.synthetic import all_captions, score_against_captions, split_captions
 
@@ -43,7 +44,9 @@ def sample_for_scoring(config, model, vae, text_encoder, diffusion, captions: li
     """Videos [seeds * len(captions), F, 3, H, W] on CPU (seed-major) and the caption of each."""
     first_seed = config.sample.seed if first_seed is None else first_seed
     videos = [sample_videos(config, model, vae, text_encoder, diffusion, captions, device, steps=steps,
-                            guidance=guidance, seed=first_seed + k, autocast=autocast).cpu() for k in range(seeds)]
+                            guidance=guidance, seed=first_seed + k, autocast=autocast).cpu()
+              for k in progress_bar(range(seeds), desc=f"quality: {len(captions)} captions x seed", unit="seed",
+                                    leave=False)]
     return torch.cat(videos), captions * seeds
 
 

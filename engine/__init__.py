@@ -1,1 +1,4 @@
 """engine"""
+from .import_noise import silence_import_noise
+
+silence_import_noise()  # before diffusers/torchao are imported (engine/import_noise.py)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ristretto.kernels.attention import attention_backend
+from ristretto.model.attention import TemporalAttentionFn, attention_in_spatial_layout, attention_over_frames
 from ristretto.kernels.registry import kernel_set
 from ristretto.model.latte import Latte, latte_from_config
 
@@ -27,12 +28,29 @@ def apply_kernels(model: nn.Module, name: str) -> None:
             module.kernels = kernels
 
 
-def apply_attention_backend(model: nn.Module, name: str) -> None:
-    """Point every attention module at the chosen backend's attention function."""
+def temporal_attention_backend(name: str, attention_fn) -> TemporalAttentionFn:
+    """model.temporal_attention: the Triton kernel (reads q, k, v and writes its output in the spatial layout) or
+    `attention_fn` on frame sequences (q, k, v copied in, the projected output copied back)."""
+    if name == "triton":
+        # the registered custom op (kernels/custom_ops.py): opaque to torch.compile, no graph break
+        from ristretto.kernels.custom_ops import temporal_attention  # noqa: PLC0415 - Triton on demand
+
+        return attention_in_spatial_layout(temporal_attention)
+    if name == "attention_backend":
+        return attention_over_frames(attention_fn)
+    raise ValueError(f"model.temporal_attention: unknown {name!r}; expected 'attention_backend' or 'triton'")
+
+
+def apply_attention_backend(model: nn.Module, name: str, temporal: str = "attention_backend") -> None:
+    """Point every attention module at the chosen backend's attention function, and temporal attention modules at
+    the chosen temporal attention."""
     attention_fn = attention_backend(name)
+    temporal_fn = temporal_attention_backend(temporal, attention_fn)
     for module in model.modules():
         if hasattr(module, "attention_fn"):
             module.attention_fn = attention_fn
+        if hasattr(module, "temporal_attention_fn"):
+            module.temporal_attention_fn = temporal_fn
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,7 +73,7 @@ def build_plain_model(config) -> Latte:
     _, sample_size = latent_geometry(config)
     model = latte_from_config(config.model, config.data.frames, sample_size)
     apply_kernels(model, config.model.kernels)
-    apply_attention_backend(model, config.model.attention_backend)
+    apply_attention_backend(model, config.model.attention_backend, config.model.temporal_attention)
     return model
 
 
@@ -80,7 +98,8 @@ def build_training_model(config, device: torch.device,
         initialise_from_pretrained(model, config)
     model = model.to(device)
     train = config.train
-    ema = EMA(model, train.ema_decay, train.ema_warmup) if train.ema_decay > 0 else None
+    ema = (EMA(model, train.ema_decay, train.ema_warmup, every=train.ema_every,
+               device="cpu" if train.ema_on_cpu else None) if train.ema_decay > 0 else None)
     precision = apply_precision(model, train.precision, train.fp8_recipe, emulate=train.fp8_emulate,
                                 rows=fp8_gemm_rows(config))
     apply_residual_dtype(model, train.residual_dtype, train.precision)
@@ -99,6 +118,18 @@ def build_training_model(config, device: torch.device,
     if wrapped:
         log.info("activation checkpointing %s: %d modules recompute in backward", train.checkpointing, wrapped)
     if train.compile:
-        for block in model.blocks:
-            block.compile()
+        compile_blocks(model)
     return model, ema, precision
+
+
+def compile_blocks(model: nn.Module, **options) -> None:
+    """torch.compile each block with static shapes (`options` go to torch.compile, e.g. fullgraph=True in tests).
+    Spatial and temporal blocks share one class (one code object for dynamo) but see different fixed shapes; without
+    dynamic=False the second shape would turn the graph into a dynamic-shape one, with it each shape gets its own
+    specialised graph."""
+    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        # Memory-lean autograd.Functions recompute their elementwise work in backward through torch.autograd.grad;
+        # dynamo traces that (instead of breaking the graph) only with this on.
+        torch._dynamo.config.trace_autograd_ops = True
+    for block in model.blocks:
+        block.compile(dynamic=False, **options)

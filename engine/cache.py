@@ -252,7 +252,7 @@ def encode_shard(dataset, indices: range, vae, text_encoder, config: RunConfig, 
 def write_cache(config: RunConfig, out: str | Path, shard_size: int = 256, batch_size: int = 8,
                 device: str = "auto", chunk_size: int = 16) -> dict:
     """Encode config's dataset into `out`; returns {"written": shards encoded now, "skipped": shards found}."""
-    from tqdm import tqdm  # noqa: PLC0415
+    from .progress import progress_bar  # noqa: PLC0415
 
     from .datasets import build_dataset  # noqa: PLC0415
     from .text_encoder import build_text_encoder  # noqa: PLC0415
@@ -271,7 +271,7 @@ def write_cache(config: RunConfig, out: str | Path, shard_size: int = 256, batch
     _start_manifest(out, description)
     write_null_caption(out, text_encoder)
     shards, counts = [], {"written": 0, "skipped": 0}
-    with tqdm(total=len(dataset), desc=f"caching {out}", unit="clip") as progress:
+    with progress_bar(total=len(dataset), desc=f"caching {out}", unit="clip") as progress:
         for index, first in enumerate(range(0, len(dataset), shard_size)):
             indices, path = range(first, min(first + shard_size, len(dataset))), out / shard_name(index)
             if not path.is_file():

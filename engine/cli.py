@@ -39,7 +39,7 @@ EXIT_USAGE = 2
 EXIT_FAULT = 1
 DEBUG_ENV = "RISTRETTO_DEBUG"
 # Fields that do not change the model's parameters or the shape of what it sees: free to differ on resume.
-SHAPE_FREE_MODEL_FIELDS = ("attention_backend", "kernels")
+SHAPE_FREE_MODEL_FIELDS = ("attention_backend", "temporal_attention", "kernels")
 SHAPE_DATA_FIELDS = ("frames", "resolution", "num_images")
 # Fields a resume must keep: they decide which samples each optimizer step sees (per-sample noise is keyed by the
 # sample's index), so changing them would not continue the run but start another one from its weights.

@@ -51,6 +51,10 @@ class ModelConfig:
     lets small models turn caption words into layout and motion (docs/proof.md)."""
     attention_backend: str = "sdpa"
     """sdpa | sdpa-flash | sdpa-cudnn | sdpa-efficient | sdpa-math | fa4 | fa3 | fa2 | xformers."""
+    temporal_attention: str = "attention_backend"
+    """Attention across frames: "attention_backend" (model.attention_backend on q, k, v copied into [B*S, F] frame
+    sequences) or "triton" (kernels/temporal_attention.py: reads them in place, no copies). The default stays
+    attention_backend until the Triton kernel is measured faster on a GPU (bench/attention.py)."""
     kernels: str = "torch"
     """Fused ops: "triton" (Triton kernels) or "torch" (the pure-torch reference)."""
     vae: str = "identity"
@@ -94,7 +98,14 @@ class DataConfig:
     random_crop: bool = True
     """Random spatial crop (else center crop) after resizing the short side."""
     num_workers: int = 0
-    """DataLoader worker processes."""
+    """DataLoader worker processes (0: load in the training process; the synthetic clips need none, decoded video
+    needs several per GPU or the GPU waits for data: the Latte presets use 8)."""
+    prefetch_factor: int = 4
+    """Batches each worker loads ahead (with num_workers > 0)."""
+    pin_memory: bool = True
+    """Pin batches in page-locked memory on CUDA, so their copies to the GPU are asynchronous."""
+    persistent_workers: bool = True
+    """Keep the workers alive between epochs (with num_workers > 0) instead of restarting them."""
     max_bad_fraction: float = 0.5
     """Stop when more than this fraction of one batch's draws are unreadable."""
     synthetic_size: int = 4096
@@ -159,6 +170,11 @@ class TrainConfig:
     """EMA decay per optimizer step (0 = no EMA: samples use the live weights)."""
     ema_warmup: bool = True
     """Use decay min(ema_decay, (1 + step) / (10 + step)) so early EMA follows the model."""
+    ema_every: int = 1
+    """Update the EMA every this many optimizer steps, with the decay raised to this power (same horizon, less work)."""
+    ema_on_cpu: bool = False
+    """Keep the EMA weights in host memory (frees one model's worth of GPU memory; each update copies the weights to
+    the host and waits for them, so pair it with ema_every > 1). Not with dist.strategy=fsdp."""
     cfg_dropout: float = 0.1
     """Per-sample probability of replacing the caption (or class) by the null one, for classifier-free guidance."""
     precision: str = "fp32"
@@ -255,6 +271,7 @@ CHOICES = {
     "model.attention_backend": ("sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "fa4", "fa3", "fa2",
                                 "xformers"),
     "model.kernels": ("torch", "triton"),
+    "model.temporal_attention": ("attention_backend", "triton"),
     "model.patch_size": (1, 2, 4, 8),
     "model.freeze": ("none", "spatial"),
     "data.kind": ("synthetic", "captioned", "class_folders", "cached"),
@@ -316,6 +333,7 @@ def latte_class(preset: str, hidden: int, depth: int, heads: int) -> RunConfig:
     model.hidden_size, model.depth, model.num_heads, model.patch_size = hidden, depth, heads, 2
     model.vae = "stabilityai/sd-vae-ft-ema"
     config.data.kind, config.data.frames, config.data.resolution = "class_folders", 16, 256
+    config.data.num_workers = 8  # decoding 16-frame clips on the host: several workers per GPU
     config.train.lr, config.train.batch_size, config.train.precision = 1e-4, 4, "bf16"
     config.train.max_steps, config.train.ema_decay, config.train.warmup_steps = 100_000, 0.9999, 0
     return config
@@ -330,6 +348,7 @@ def latte_t2v_512() -> RunConfig:
     model.caption_channels, model.caption_length = 4096, 120
     model.vae, model.text_encoder = "stabilityai/sd-vae-ft-ema", "google/t5-v1_1-xxl"
     config.data.kind, config.data.frames, config.data.resolution = "cached", 16, 512
+    config.data.num_workers = 2  # reading cached shards is light, but keeps up without blocking the step
     config.train.lr, config.train.batch_size, config.train.precision = 1e-4, 1, "bf16"
     config.train.max_steps, config.train.ema_decay, config.train.warmup_steps = 100_000, 0.9999, 0
     config.diffusion.guidance_scale = 7.5
@@ -463,6 +482,10 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"train.cfg_dropout: expected a probability in [0, 1), got {train.cfg_dropout}")
     if not 0.0 <= train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: expected a value in [0, 1), got {train.ema_decay}")
+    if train.ema_every < 1:
+        raise ConfigError(f"train.ema_every: must be >= 1, got {train.ema_every}")
+    if train.ema_on_cpu and config.dist.strategy == "fsdp":
+        raise ConfigError("train.ema_on_cpu: not with dist.strategy=fsdp (the EMA is sharded like the model there)")
     if config.diffusion.rescale_zero_snr and config.diffusion.prediction != "v_prediction":
         raise ConfigError("diffusion.rescale_zero_snr: needs diffusion.prediction=v_prediction (epsilon is undefined at zero SNR)")
     if config.sample.quality_seeds and (model.kind != "t2v" or data.kind != "synthetic"):
@@ -483,6 +506,8 @@ def validate(config: RunConfig) -> RunConfig:
     if not 0.0 <= config.diffusion.high_noise_bias <= 1.0:
         raise ConfigError(f"diffusion.high_noise_bias: expected a probability in [0, 1], got "
                           f"{config.diffusion.high_noise_bias}")
+    if data.prefetch_factor < 1:
+        raise ConfigError(f"data.prefetch_factor: must be >= 1, got {data.prefetch_factor}")
     if train.memory_budget_gb < 0:
         raise ConfigError(f"train.memory_budget_gb: must be >= 0 (0 = the GPU's memory), got {train.memory_budget_gb}")
     if model.freeze != "none" and not (model.init or model.init_spatial):
@@ -493,6 +518,9 @@ def validate(config: RunConfig) -> RunConfig:
                           f"of the frame), got {data.synthetic_size_scale}")
     if data.num_images < 0:
         raise ConfigError(f"data.num_images: must be >= 0, got {data.num_images}")
+    if model.temporal_attention == "triton" and data.frames > 64:  # kernels/temporal_attention.MAX_FRAMES
+        raise ConfigError(f"model.temporal_attention: the Triton kernel attends over at most 64 frames, got "
+                          f"data.frames={data.frames}; use model.temporal_attention=attention_backend")
     validate_numbers(config)
     return config
 

@@ -95,10 +95,19 @@ class ResumableLoader(DataLoader):
         self._consumed_state = None
 
 
-def build_loader(dataset: Dataset, batch_size: int, sampler, num_workers: int = 0,
-                 device: torch.device | str = "cpu") -> ResumableLoader:
-    """Batches of `dataset` in `sampler` order (an endless ResumableSampler), pinned on CUDA, workers kept alive."""
+def build_loader(dataset: Dataset, batch_size: int, sampler, num_workers: int = 0, device: torch.device | str = "cpu",
+                 prefetch_factor: int = 4, pin_memory: bool = True, persistent_workers: bool = True) -> ResumableLoader:
+    """Batches of `dataset` in `sampler` order (an endless ResumableSampler): pinned on CUDA (when pin_memory) so the
+    step's copies are asynchronous; with workers, each loads prefetch_factor batches ahead and stays alive."""
     workers = num_workers > 0
     return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                           collate_fn=collate, pin_memory=torch.device(device).type == "cuda",
-                           persistent_workers=workers, prefetch_factor=4 if workers else None, drop_last=True)
+                           collate_fn=collate, pin_memory=pin_memory and torch.device(device).type == "cuda",
+                           persistent_workers=persistent_workers and workers,
+                           prefetch_factor=prefetch_factor if workers else None, drop_last=True)
+
+
+def loader_for(config: RunConfig, dataset: Dataset, sampler, device) -> ResumableLoader:
+    """build_loader with the data.* loader settings of `config`."""
+    data = config.data
+    return build_loader(dataset, config.train.batch_size, sampler, data.num_workers, device, data.prefetch_factor,
+                        data.pin_memory, data.persistent_workers)

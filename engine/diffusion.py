@@ -26,8 +26,19 @@ class Diffusion:
         posterior_variance = betas * (1 - previous) / (1 - alphas_cumprod)
         # log of the posterior variance, with the t=0 entry (zero) replaced by t=1's, as Improved DDPM does.
         self.posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+        self.log_betas = betas.log()
         self.posterior_mean_coef_x0 = betas * previous.sqrt() / (1 - alphas_cumprod)
         self.posterior_mean_coef_xt = (1 - previous) * (1 - betas).sqrt() / (1 - alphas_cumprod)
+        self._tables_on: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def table(self, name: str, device: torch.device) -> torch.Tensor:
+        """The fp64 schedule table `name` on `device`, copied there once: a copy per call would cross PCIe (and wait
+        for it) in every training step."""
+        device = torch.device(device)
+        tables = self._tables_on.setdefault(device, {})
+        if name not in tables:
+            tables[name] = getattr(self, name).to(device)
+        return tables[name]
 
     @property
     def num_timesteps(self) -> int:
@@ -41,7 +52,7 @@ class Diffusion:
         return noise if self.config.prediction == "epsilon" else self.scheduler.get_velocity(x0, noise, timesteps)
 
     def snr(self, timesteps):
-        alpha = self.alphas_cumprod.to(timesteps.device)[timesteps]
+        alpha = self.table("alphas_cumprod", timesteps.device)[timesteps]
         return (alpha / (1 - alpha).clamp(min=1e-20)).float()
 
     def loss_weights(self, timesteps):
@@ -66,7 +77,7 @@ class Diffusion:
     # ------------------------------------------------------------------------------------------ learned sigma
 
     def predicted_x0(self, prediction, x_t, timesteps):
-        alpha = self.alphas_cumprod.to(x_t.device)[timesteps].float().view(-1, 1, 1, 1, 1)
+        alpha = self.table("alphas_cumprod", x_t.device)[timesteps].float().view(-1, 1, 1, 1, 1)
         if self.config.prediction == "epsilon":
             return (x_t - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
         return alpha.sqrt() * x_t - (1 - alpha).sqrt() * prediction
@@ -74,16 +85,16 @@ class Diffusion:
     def variational_bound(self, prediction, variance_values, x0, x_t, timesteps):
         """KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) in bits per dim (decoder NLL at t=0), with the mean frozen so
         this term trains only the variance (the "learned range" parameterisation)."""
-        def at(table):
-            return table.to(x_t.device)[timesteps].float().view(-1, 1, 1, 1, 1)
+        def at(name):
+            return self.table(name, x_t.device)[timesteps].float().view(-1, 1, 1, 1, 1)
 
-        min_log, max_log = at(self.posterior_log_variance), at(self.betas.log())
+        min_log, max_log = at("posterior_log_variance"), at("log_betas")
         fraction = (variance_values + 1) / 2
         model_log_variance = fraction * max_log + (1 - fraction) * min_log
         x0_pred = self.predicted_x0(prediction, x_t.float(), timesteps)
-        model_mean = at(self.posterior_mean_coef_x0) * x0_pred + at(self.posterior_mean_coef_xt) * x_t
-        true_mean = at(self.posterior_mean_coef_x0) * x0 + at(self.posterior_mean_coef_xt) * x_t
-        true_log_variance = at(self.posterior_log_variance)
+        model_mean = at("posterior_mean_coef_x0") * x0_pred + at("posterior_mean_coef_xt") * x_t
+        true_mean = at("posterior_mean_coef_x0") * x0 + at("posterior_mean_coef_xt") * x_t
+        true_log_variance = at("posterior_log_variance")
         kl = 0.5 * (-1.0 + model_log_variance - true_log_variance + torch.exp(true_log_variance - model_log_variance)
                     + (true_mean - model_mean) ** 2 * torch.exp(-model_log_variance))
         kl = kl.mean(dim=(1, 2, 3, 4)) / math.log(2.0)

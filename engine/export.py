@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from .build import latent_geometry
 from .checkpoint import MANIFEST, CheckpointError, latest_checkpoint
 from .config import ConfigError, config_from_dict, config_to_dict
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 RECORD = "export.json"
@@ -226,15 +227,20 @@ def export_run(run_dir: Path, out_dir: Path | None = None, force: bool = False) 
         write_safetensors(folder / "model.safetensors", state)
         write_json(folder / "config.json", config_to_dict(config))
 
-    written = {"ristretto": write_folder(out_dir / "ristretto", write_ours)}
-    if has_diffusers_equivalent(config):
-        written["diffusers"] = write_folder(out_dir / "diffusers", lambda folder: write_pipeline(folder, state, config,
-                                                                                                 step))
-    else:
-        shutil.rmtree(out_dir / "diffusers", ignore_errors=True)  # never leave another run's pipeline beside ours
-        log.info("export: model.kind=%s, pooled_caption=%s, caption_adaln=%s has no diffusers LatteTransformer3DModel "
-                 "equivalent; wrote our format only", config.model.kind, config.model.pooled_caption,
-                 config.model.caption_adaln)
+    # one step per folder: the diffusers one converts the weights and may copy a multi-GB VAE / T5
+    bar = progress_bar(total=1 + has_diffusers_equivalent(config), desc=f"export to {out_dir}", unit="folder")
+    with bar:
+        written = {"ristretto": write_folder(out_dir / "ristretto", write_ours)}
+        bar.update()
+        if has_diffusers_equivalent(config):
+            written["diffusers"] = write_folder(out_dir / "diffusers",
+                                                lambda folder: write_pipeline(folder, state, config, step))
+            bar.update()
+        else:
+            shutil.rmtree(out_dir / "diffusers", ignore_errors=True)  # never leave another run's pipeline beside ours
+            log.info("export: model.kind=%s, pooled_caption=%s, caption_adaln=%s has no diffusers "
+                     "LatteTransformer3DModel equivalent; wrote our format only", config.model.kind,
+                     config.model.pooled_caption, config.model.caption_adaln)
     write_json(out_dir / RECORD, {"step": step, "source": str(source), "run": str(run_dir),
                                   "folders": sorted(written), "config": config_to_dict(config)})
     log.info("export: step %s from %s -> %s", step, source, ", ".join(str(p) for p in written.values()))

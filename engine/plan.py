@@ -145,16 +145,18 @@ class BlockSpec:
 
 
 def attention_saved(rows: int, queries: int, keys: int, g: TokenGeometry, out: int, probabilities: bool,
-                    self_attention: bool, masked: bool) -> int:
-    """Bytes the attention call itself keeps (q, k, v storage included), for [rows, queries] x [rows, keys]."""
+                    self_attention: bool, masked: bool, key_rows: int | None = None) -> int:
+    """Bytes the attention call itself keeps (q, k, v storage included), for [rows, queries] x [key_rows, keys]
+    (key_rows < rows: cross-attention's caption K/V shared by the frames of a sample, not repeated)."""
     d, h = g.hidden, g.heads
-    q_tokens, k_tokens = rows * queries, rows * keys
+    key_rows = rows if key_rows is None else key_rows
+    q_tokens, k_tokens = rows * queries, key_rows * keys
     if probabilities:  # math kernel: q*scale, k*scale, a contiguous v and the probabilities, then proj's input
         upcast = math_attention_bytes(out)
         return upcast * (q_tokens * d + 2 * k_tokens * d + rows * h * queries * keys) + out * q_tokens * d
     # flash-style: q, k, v (self-attention: one qkv storage), out (proj's input is a view of it), fp32 lse
     qkv = out * (3 * q_tokens * d if self_attention else q_tokens * d + 2 * k_tokens * d)
-    return qkv + out * q_tokens * d + FP32 * rows * h * queries + (out * rows * keys if masked else 0)
+    return qkv + out * q_tokens * d + FP32 * rows * h * queries + (out * k_tokens if masked else 0)
 
 
 def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilities: bool,
@@ -170,9 +172,10 @@ def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilit
     # branch output (torch: also the gate expanded to [N, 1, D]); the MLP branch's LN-modulate and gate-residual are
     # inside the MLP op (kernels/gelu_mlp.py). All read the block's adaLN vectors, one [B, 6, D] storage.
     stats = STATS_BYTES * tokens if triton_kernels else 0
+    rows = spec.rows if spec.spatial else g.batch * g.frames  # temporal blocks run on the video rows [B*F, S, D]
     parts = {
         "ln_modulate": r * tokens * d + stats + vector * g.batch * 6 * d,
-        "gate_residual": o * tokens * d + (0 if triton_kernels else vector * spec.rows * d),
+        "gate_residual": o * tokens * d + (0 if triton_kernels else vector * rows * d),
     }
     if spec.checkpointed == "attention":
         parts["attention"] = o * tokens * d  # the checkpoint keeps its input (the LN-modulate output)
@@ -185,7 +188,8 @@ def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilit
             parts["cross_attention"] = r * tokens * d  # its input x; the caption context is shared
         else:
             parts["cross_attention"] = i * tokens * d + attention_saved(
-                spec.rows, spec.length, g.caption_length, g, o, probabilities, self_attention=False, masked=True)
+                spec.rows, spec.length, g.caption_length, g, o, probabilities, self_attention=False, masked=True,
+                key_rows=g.context_rows)
             parts["weight copies"] += w * 4 * d * d
     if spec.checkpointed == "mlp":
         parts["mlp"] = r * tokens * d  # the checkpoint keeps its input, the residual

@@ -43,6 +43,10 @@ def check_environment(config, device: torch.device) -> None:
     if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"model.kernels=triton: the Triton kernels need a CUDA GPU and this run is on "
                           f"{device.type}; use model.kernels=torch (the same ops in PyTorch)")
+    temporal = config.model.temporal_attention
+    if temporal == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"model.temporal_attention=triton: the Triton kernel needs a CUDA GPU and this run is on "
+                          f"{device.type}; use model.temporal_attention=attention_backend")
     if config.train.compile and device.type == "cuda" and importlib.util.find_spec("triton") is None:
         raise ConfigError("train.compile=true needs the triton package on a GPU: pip install triton")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .progress import progress_bar
 from .video_io import contact_sheet, write_video
 
 
@@ -39,7 +40,7 @@ def generate(model, diffusion, conditions: dict, null_conditions: dict, shape, g
     channels = shape[2]
     guided = guidance_scale != 1.0
     both = {k: torch.cat([conditions[k], null_conditions[k]]) for k in conditions} if guided else conditions
-    for timestep in sampler.timesteps:
+    for timestep in progress_bar(sampler.timesteps, desc="sampling", unit="step", leave=False):
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = sampler.scale_model_input(model_input, timestep)
         timesteps = torch.full((model_input.shape[0],), int(timestep), device=device, dtype=torch.long)
@@ -60,6 +61,8 @@ def write_samples(out_dir: Path, videos: torch.Tensor, captions: list[str], fps:
         slug = "".join(ch if ch.isalnum() else "_" for ch in caption)[:60].strip("_") or "sample"
         paths.append(write_video(out_dir / f"{index:02d}_{slug}", video, fps=fps))
     paths.append(contact_sheet(out_dir / "contact_sheet.png", list(videos), captions))
+    # the exact captions (file names are lossy slugs), for report.html
+    (out_dir / "captions.json").write_text(json.dumps({p.name: c for p, c in zip(paths, captions)}, indent=1) + "\n")
     return paths
 
 

@@ -11,6 +11,7 @@ the same losses as one that never stopped. A NaN/inf loss or gradient skips its 
 and max_bad_steps of them in a row stop the run without checkpointing the bad state; an out-of-memory error is
 re-raised with the sizes that caused it.
 """
+import copy
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -31,12 +33,14 @@ from .build import build_plain_model, build_training_model, latent_geometry
 from .checkpoint import (FP8_STATE, CheckpointError, checkpoint_dir, prune_checkpoints, restore_fp8_state, rng_state,
                          set_rng_state)
 from .config import RESUMES_KEY, config_to_dict
-from .datasets import build_dataset, build_loader
+from .datasets import build_dataset, loader_for
 from .diffusion import Diffusion
 from .metrics import MetricsLog, truncate_metrics
 from .plan import predict_memory
 from .preflight import check_dataset, check_environment, check_first_batch, check_sampling, loading_errors_named
 from .profiling import profile_steps
+from .progress import progress_disabled
+from .report import report_end, report_failure, update_report
 from .sample import sample_videos, validation_prompts, write_samples
 from .distributed import (DistInfo, all_reduce_mean, apply_data_parallel, apply_data_parallel_to_ema,
                           barrier, destroy_distributed, export_weights, first_sample_index, global_batch_size,
@@ -67,45 +71,64 @@ class TrainState:
 
 
 # ------------------------------------------------------------------------------------------- per-sample randomness
+# Each (seed, sample, purpose) owns a generator on the training device, so the draws are made where they are used
+# (no noise crosses PCIe, nothing waits) and stay keyed by the sample's global index: however a batch is split into
+# micro-batches, ranks or resumed runs, sample i sees the same noise. A CUDA generator gives different numbers from a
+# CPU one with the same seed; exactness holds per device, which is what the equality tests compare.
 
-def sample_generator(seed: int, sample_index: int, purpose: str) -> torch.Generator:
-    """A generator owned by one (seed, sample, purpose): reproducible however batches are split or resumed."""
+def sample_seed(seed: int, sample_index: int, purpose: str) -> int:
+    """The 63-bit seed of one (run seed, sample, purpose): a hash, so neighbouring samples are unrelated."""
     digest = hashlib.blake2b(f"{seed}:{sample_index}:{purpose}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def sample_generator(seed: int, sample_index: int, purpose: str, device="cpu") -> torch.Generator:
+    """A generator on `device` owned by one (seed, sample, purpose): reproducible however batches are split or resumed.
+    Seeding is host work only (no device sync)."""
+    return torch.Generator(device=device).manual_seed(sample_seed(seed, sample_index, purpose))
 
 
 HIGH_NOISE_START = 0.7  # diffusion.high_noise_bias draws from the noisiest 30% of timesteps
 
 
-def draw_timesteps_and_noise(shape, first_index: int, seed: int, num_timesteps: int, high_noise_bias: float = 0.0):
-    """Per-sample timesteps [B] and noise [B, ...] for samples first_index .. first_index + B - 1. With probability
-    high_noise_bias a sample's timestep is moved into the noisiest 30%, where layout and motion are decided."""
-    timesteps, noise = [], []
-    start = int(HIGH_NOISE_START * num_timesteps)
+def draw_timesteps_and_noise(shape, first_index: int, seed: int, num_timesteps: int, high_noise_bias: float = 0.0,
+                             device="cpu"):
+    """Per-sample timesteps [B] (int64) and noise [B, ...] (fp32) on `device` for samples first_index .. first_index +
+    B - 1. With probability high_noise_bias a sample's timestep is moved into the noisiest 30%, where layout and motion
+    are decided (chosen on the device: no host round trip)."""
+    timesteps, noise, bias_draws = [], [], []
     for row in range(shape[0]):
-        generator = sample_generator(seed, first_index + row, "diffusion")
-        timestep = torch.randint(0, num_timesteps, (1,), generator=generator)
-        noise.append(torch.randn(shape[1:], generator=generator))
-        if high_noise_bias and torch.rand(1, generator=generator).item() < high_noise_bias:
-            timestep = start + timestep % (num_timesteps - start)
-        timesteps.append(timestep)
-    return torch.cat(timesteps), torch.stack(noise)
+        generator = sample_generator(seed, first_index + row, "diffusion", device)
+        timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator, device=device))
+        noise.append(torch.randn(shape[1:], generator=generator, device=device))
+        bias_draws.append(torch.rand(1, generator=generator, device=device))  # drawn last: never changes the noise
+    timesteps = torch.cat(timesteps)
+    if high_noise_bias:
+        start = int(HIGH_NOISE_START * num_timesteps)
+        moved = start + timesteps % (num_timesteps - start)
+        timesteps = torch.where(torch.cat(bias_draws) < high_noise_bias, moved, timesteps)
+    return timesteps, torch.stack(noise)
 
 
-def caption_dropout_mask(batch_size: int, first_index: int, seed: int, probability: float) -> torch.Tensor:
-    """bool [B]: which samples train unconditionally (their caption or class replaced by the null one)."""
-    draws = [torch.rand(1, generator=sample_generator(seed, first_index + row, "cfg")) for row in range(batch_size)]
+def caption_dropout_mask(batch_size: int, first_index: int, seed: int, probability: float, device="cpu") -> torch.Tensor:
+    """bool [B] on `device`: which samples train unconditionally (their caption or class replaced by the null one)."""
+    draws = [torch.rand(1, generator=sample_generator(seed, first_index + row, "cfg", device), device=device)
+             for row in range(batch_size)]
     return torch.cat(draws) < probability
 
 
 # ------------------------------------------------------------------------------------------------ batch -> inputs
 
 def encode_batch(batch: dict, encoders: Encoders, config, device) -> tuple[torch.Tensor, dict]:
-    """A data batch -> (latents [B, F+I, C, h, w], model conditions) on `device`."""
-    latents = batch["latents"] if "latents" in batch else encoders.vae.encode(batch["video"].to(device))
-    latents = latents.to(device, torch.float32)
+    """A data batch -> (latents [B, F+I, C, h, w], model conditions) on `device`. The loader pins batches on CUDA,
+    so every copy here is asynchronous (non_blocking): the host goes on issuing work while they travel."""
+    if "latents" in batch:
+        latents = batch["latents"].to(device, non_blocking=True)
+    else:
+        latents = encoders.vae.encode(batch["video"].to(device, non_blocking=True))
+    latents = latents.float()
     if config.model.kind == "class":
-        return latents, {"label": batch["label"].to(device)}
+        return latents, {"label": batch["label"].to(device, non_blocking=True)}
     if "caption_embeds" in batch:
         conditions = {"caption": batch["caption_embeds"].float(), "caption_mask": batch["caption_mask"]}
     else:
@@ -120,7 +143,7 @@ def encode_batch(batch: dict, encoders: Encoders, config, device) -> tuple[torch
             embeddings, mask = encoders.text_encoder(flat)
             conditions["image_caption"] = embeddings.unflatten(0, (latents.shape[0], -1))
             conditions["image_caption_mask"] = mask.unflatten(0, (latents.shape[0], -1))
-    return latents, {k: v.to(device) for k, v in conditions.items()}
+    return latents, {k: v.to(device, non_blocking=True) for k, v in conditions.items()}
 
 
 def drop_conditions(conditions: dict, drop: torch.Tensor, encoders: Encoders, config) -> dict:
@@ -145,10 +168,11 @@ class TrainingFault(RuntimeError):
 
 
 def micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config) -> torch.Tensor:
-    """Mean diffusion loss of one micro-batch (per-sample noise, timesteps and caption dropout already keyed)."""
+    """Mean diffusion loss of one micro-batch (per-sample noise, timesteps and caption dropout already keyed),
+    a 0-dim tensor on the latents' device (never read here: reading it would make the host wait)."""
     timesteps, noise = draw_timesteps_and_noise(latents.shape, first_index, config.train.seed,
-                                                diffusion.num_timesteps, config.diffusion.high_noise_bias)
-    timesteps, noise = timesteps.to(latents.device), noise.to(latents.device)
+                                                diffusion.num_timesteps, config.diffusion.high_noise_bias,
+                                                device=latents.device)
     x_t = diffusion.add_noise(latents, noise, timesteps)
     with precision.autocast():
         output = model(x_t, timesteps, num_images=config.data.num_images, **conditions)
@@ -156,8 +180,9 @@ def micro_step_loss(model, diffusion, precision, latents, conditions, first_inde
 
 
 def accumulate_gradients(model, batches, encoders, diffusion, precision, state, config, device,
-                         info: DistInfo) -> float:
-    """Forward + backward of grad_accum micro-batches into .grad; returns the step's mean loss over all ranks."""
+                         info: DistInfo) -> torch.Tensor:
+    """Forward + backward of grad_accum micro-batches into .grad; returns the step's mean loss over all ranks as a
+    0-dim tensor on `device` (no host sync: the caller reads it once, with the gradient norm)."""
     train_cfg = config.train
     loss_sum = torch.zeros((), device=device)
     for micro in range(train_cfg.grad_accum):
@@ -165,7 +190,7 @@ def accumulate_gradients(model, batches, encoders, diffusion, precision, state, 
         # Sample i of the run is always sample i, whichever micro-batch, rank or resumed run it lands in
         # (the sampler, in blocks of batch_size, hands this rank exactly the samples first_index .. first_index + batch_size - 1).
         first_index = first_sample_index(state.samples_seen, micro, info, train_cfg.batch_size)
-        drop = caption_dropout_mask(latents.shape[0], first_index, train_cfg.seed, train_cfg.cfg_dropout)
+        drop = caption_dropout_mask(latents.shape[0], first_index, train_cfg.seed, train_cfg.cfg_dropout, device)
         conditions = drop_conditions(conditions, drop, encoders, config)
         # DDP/FSDP reduce gradients in backward; only the last micro-batch needs it (nanoGPT's require_backward_grad_sync)
         # precision.microbatch: fp8-te casts the weights to FP8 on the first micro-batch only (is_first_microbatch)
@@ -173,9 +198,18 @@ def accumulate_gradients(model, batches, encoders, diffusion, precision, state, 
             loss = micro_step_loss(model, diffusion, precision, latents, conditions, first_index, config)
             # Each micro-batch mean / grad_accum: the summed gradients are the mean over the whole step's samples.
             (loss / train_cfg.grad_accum).backward()
-        loss_sum += loss.detach()  # no .item() here: one host sync per optimizer step, not per micro-batch
+        loss_sum += loss.detach()
     # Every rank sees the same mean loss, so all ranks agree on skipping a non-finite step.
-    return all_reduce_mean(float(loss_sum) / train_cfg.grad_accum, info)
+    return mean_over_ranks(loss_sum / train_cfg.grad_accum, info)
+
+
+def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of a device tensor over all ranks, left on the device (an all-reduce, not a host read)."""
+    if info.world_size == 1 or not torch.distributed.is_initialized():
+        return value
+    total = value.detach().clone()
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+    return total / info.world_size
 
 
 def lr_factor(step: int, train) -> float:
@@ -189,26 +223,80 @@ def lr_factor(step: int, train) -> float:
 
 
 def build_optimizer(model, train):
+    """AdamW with the multi-tensor kernels: fused (one kernel for all parameters) on CUDA, foreach elsewhere."""
     trainable = [p for p in model.parameters() if p.requires_grad]  # model.freeze: no state for frozen weights
-    optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=tuple(train.betas),
-                                  weight_decay=train.weight_decay)
+    on_cuda = bool(trainable) and all(p.device.type == "cuda" for p in trainable)
+    implementation = {"fused": True} if on_cuda else {"foreach": True}
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+                                  **implementation)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
     return optimizer, scheduler
 
 
-def optimizer_step(model, optimizer, scheduler, ema, state: TrainState, train, loss: float) -> tuple[float, bool]:
-    """Clip, step, schedule, EMA — once per optimizer step. A non-finite loss or gradient norm skips all of them,
-    so a NaN never reaches the weights, the optimizer moments or the EMA. Returns (grad norm, stepped)."""
+class StepResult(NamedTuple):
+    loss: float  # mean loss over the step's micro-batches and ranks
+    grad_norm: float  # global gradient norm before clipping
+    stepped: bool  # False: non-finite loss or gradient, the update was skipped
+
+
+@contextmanager
+def deliberate_sync(device: torch.device):
+    """Marks the step's one intended host sync, so torch.cuda.set_sync_debug_mode("error") flags any other."""
+    if device.type != "cuda":
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+def read_step_values(loss, grad_norm: torch.Tensor) -> tuple[float, float]:
+    """(loss, grad_norm) as Python floats in ONE device->host read: the NaN guard and the logged numbers share it."""
+    loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.full((), loss, device=grad_norm.device)
+    values = torch.stack([loss.float().to(grad_norm.device), grad_norm.detach().float()])
+    with deliberate_sync(values.device):
+        loss_value, norm_value = values.tolist()
+    return loss_value, norm_value
+
+
+def clip_gradients(model, train) -> torch.Tensor:
+    """Clip the global gradient norm to train.grad_clip (0 = off); returns the norm before clipping, on the device."""
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else float("inf"))
-    stepped = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+    max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the DTensor's global value
+
+
+def update_step(model, optimizer, scheduler, ema, state: TrainState, train, loss) -> StepResult:
+    """Clip, one host read of (loss, grad norm), then step, schedule, EMA — once per optimizer step. A non-finite
+    loss or gradient norm skips all of them, so a NaN never reaches the weights, the optimizer moments or the EMA."""
+    loss_value, norm_value = read_step_values(loss, clip_gradients(model, train))
+    stepped = math.isfinite(loss_value) and math.isfinite(norm_value)
     if stepped:
         optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update(model, state.step)
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm), stepped
+    return StepResult(loss_value, norm_value, stepped)
+
+
+def optimizer_step(model, optimizer, scheduler, ema, state: TrainState, train, loss) -> tuple[float, bool]:
+    """update_step for callers that keep their own loss: returns (grad norm, stepped)."""
+    result = update_step(model, optimizer, scheduler, ema, state, train, loss)
+    return result.grad_norm, result.stepped
+
+
+def train_step(train_model, model, optimizer, scheduler, ema, batches, encoders, diffusion, precision,
+               state: TrainState, config, device, info: DistInfo) -> StepResult:
+    """One optimizer step of the run, exactly as the loop runs it (bench/step.py times this function): grad_accum
+    micro-batches of forward + backward through `train_model` (the DDP/FSDP module), then update_step on `model`.
+    The host waits for the device once, in update_step; everything else is issued asynchronously."""
+    loss = accumulate_gradients(train_model, batches, encoders, diffusion, precision, state, config, device, info)
+    return update_step(model, optimizer, scheduler, ema, state, config.train, loss)
 
 
 @contextmanager
@@ -305,7 +393,28 @@ def build_encoders(config, dataset, device) -> Encoders:
     if null is None and text_encoder is not None:
         embeddings, mask = text_encoder([""])
         null = (embeddings[0], mask[0])
+    if null is not None:  # on the device once, not copied into every step's caption dropout
+        null = tuple(t.to(device) for t in null)
     return Encoders(vae, text_encoder, null)
+
+
+def input_pipeline_warnings(config, device) -> list[str]:
+    """What will make a GPU wait for its inputs, said loudly at the start of a run: encoding every clip with the VAE
+    (and captions with the text encoder) inside the step, or decoding video in the training process."""
+    if torch.device(device).type != "cuda":
+        return []
+    data, model = config.data, config.model
+    warnings = []
+    if data.kind != "cached" and model.vae != "identity":
+        warnings.append(
+            f"ENCODING LIVE: data.kind={data.kind} with model.vae={model.vae} runs the VAE"
+            f"{' and the text encoder' if model.kind == 't2v' else ''} on every batch inside the training step, which "
+            f"can take as long as the model's own step; encode once with `python -m ristretto.engine.cache` and train "
+            f"with data.kind=cached data.cache_dir=<that folder>")
+    if data.kind in ("captioned", "class_folders") and data.num_workers == 0:
+        warnings.append(f"data.num_workers=0 with data.kind={data.kind}: video is decoded in the training process "
+                        f"while the GPU waits; set data.num_workers to several per GPU")
+    return warnings
 
 
 def write_validation_samples(run_dir: Path, step: int, config, sampling_model, encoders, diffusion, precision,
@@ -320,6 +429,7 @@ def write_validation_samples(run_dir: Path, step: int, config, sampling_model, e
     write_samples(out_dir, videos, titles, config.sample.fps)
     if metrics is not None:
         metrics.videos(step, videos, titles, config.sample.fps)
+    update_report(run_dir, "running", step)
     return out_dir
 
 
@@ -430,8 +540,25 @@ def train(config, run_dir: Path, resume: Path | None = None, on_start=None) -> T
     Every check runs before the first file is written; `on_start()` is called once they passed, just before the
     run's files are written and training begins. Returns the final TrainState (`stopped_by` set after a signal)."""
     info = init_distributed(config.dist.strategy, config.train.device)
+
+    begun = False  # a bad input stops before the run's first file: then no report is written either
+
+    def begin() -> None:  # every check passed; the run's files are about to be written
+        nonlocal begun
+        begun = True
+        if on_start is not None:
+            on_start()
+
     try:
-        return train_on_ranks(config, Path(run_dir), resume, info, on_start)
+        state = train_on_ranks(config, Path(run_dir), resume, info, begin)
+    except BaseException as error:  # report.html says how a started run ended, then the error goes on to the caller
+        if is_main(info) and begun:
+            report_failure(Path(run_dir), error)
+        raise
+    else:
+        if is_main(info):
+            report_end(Path(run_dir), state)
+        return state
     finally:
         destroy_distributed()
 
@@ -446,7 +573,9 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo, o
     check_first_batch(config, dataset)
     sampler = ResumableSampler(len(dataset), train_cfg.seed, rank=info.rank, world_size=info.world_size,
                                block=train_cfg.batch_size, tag_epochs=getattr(dataset, "epoch_tagged_indices", False))
-    loader = build_loader(dataset, train_cfg.batch_size, sampler, config.data.num_workers, device)
+    loader = loader_for(config, dataset, sampler, device)
+    for warning in input_pipeline_warnings(config, device):
+        log.warning(warning)
     with loading_errors_named(f"model.vae={config.model.vae!r} / model.text_encoder={config.model.text_encoder!r}"):
         encoders = build_encoders(config, dataset, device)
     diffusion = Diffusion(config.diffusion)
@@ -486,6 +615,8 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo, o
     def validation_samples():
         """Rank 0 samples from a plain copy of the EMA weights (gathered under FSDP) while the others wait."""
         sampling_model = plain_module_on_main(ema.model if ema else model, lambda: build_plain_model(config), info)
+        if sampling_model is not None and next(sampling_model.parameters()).device.type != device.type:
+            sampling_model = copy.deepcopy(sampling_model).to(device)  # train.ema_on_cpu: sample on the device
         out_dir = None
         if main:
             try:  # a signal here ends sampling at once; the loop then stops as after a signal in a step
@@ -507,14 +638,14 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo, o
     window_start, window_steps = time.perf_counter(), 0
     model.train()
     with StopSignals() as signals, metrics, tqdm(total=train_cfg.max_steps, initial=state.step, desc="train",
-                                                  unit="step", dynamic_ncols=True, disable=not main) as progress, \
+                                                  unit="step", dynamic_ncols=True,
+                                                  disable=progress_disabled() if main else True) as progress, \
             profile_steps(run_dir, config.profile.steps if main else 0) as profiler:
         while state.step < train_cfg.max_steps and not stop_requested(signals, info):
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
             with explain_out_of_memory(config):
-                loss = accumulate_gradients(train_model, batches, encoders, diffusion, precision, state, config,
-                                            device, info)
-                grad_norm, stepped = optimizer_step(model, optimizer, scheduler, ema, state, train_cfg, loss)
+                loss, grad_norm, stepped = train_step(train_model, model, optimizer, scheduler, ema, batches,
+                                                      encoders, diffusion, precision, state, config, device, info)
             profiler.step()
             state.samples_seen += samples_per_step  # consumed even when skipped: a resume must not replay them
             if not stepped:
@@ -555,6 +686,7 @@ def log_quality(config, step, sampling_model, encoders, diffusion, precision, de
     scores = quality_metrics(config, sampling_model, encoders.vae, encoders.text_encoder, diffusion, device,
                              seeds=config.sample.quality_seeds, autocast=precision.autocast)
     metrics.write({"step": step, **{f"quality/{key}": value for key, value in scores.items()}})
+    update_report(metrics.path.parent, "running", step)  # again, now with this validation's scores
     log.info("step %d held-out quality: colour %.0f%%, direction %.0f%%, shape %.0f%%", step,
              100 * scores["colour_accuracy"], 100 * scores["direction_accuracy"], 100 * scores["shape_accuracy"])
 

@@ -3,7 +3,9 @@
 Contract shared by every backend:
     q [N, Sq, heads, dim], k and v [N, Sk, heads, dim] (the "BSHD" layout flash-attention wants),
     mask None or bool [N, Sk] (True = attend; padding = False) -> out [N, Sq, heads, dim].
-Spatial attention calls it with N = B*F, S = H*W; temporal with N = B*H*W, S = F (see model/layout.py).
+Spatial self-attention calls it through `packed_self_attention` with N = B*F, S = H*W (a backend may take the packed
+qkv projection output whole: `attention_fn.packed`); temporal attention, when it goes through a backend, with
+N = B*H*W, S = F (see model/layout.py); cross-attention with N = B and the F*H*W tokens of a sample's frames as Sq.
 The softmax scale is always 1/sqrt(dim); there is no dropout and no causal mask.
 
 A row of `mask` that is all False (a caption with no tokens) has no defined answer: sdpa returns NaN for it and the
@@ -17,8 +19,9 @@ Backends (`model.attention_backend`):
     fa3             FlashAttention 3, `flash_attn_interface` (built from flash-attention's hopper/ folder)
     fa2             FlashAttention 2, `flash_attn` (pip install flash-attn)
     xformers        xformers.ops.memory_efficient_attention (pip install xformers)
-The optional packages are imported only when their backend is asked for. Masked calls on the flash backends pack the
-kept keys into a varlen batch (cu_seqlens from the mask); xformers gets the same packing as a BlockDiagonalMask.
+The optional packages are imported only when their backend is asked for. Masked calls never wait for the device:
+the flash backends pack the kept keys into a varlen batch on the device (cu_seqlens from the mask, max_seqlen_k the
+padded length); xformers takes the mask as an additive bias.
 """
 import importlib
 import math
@@ -79,33 +82,57 @@ def forced_sdpa(name: str) -> AttentionFn:
     return attention
 
 
-# ---- varlen packing shared by the flash and xformers backends ----
+def packed_self_attention(attention_fn: AttentionFn, qkv: torch.Tensor) -> torch.Tensor:
+    """Self-attention on the qkv projection's output [N, S, 3, heads, dim] -> [N, S, heads, dim].
+
+    A backend with a packed entry (`attention_fn.packed`: FlashAttention's qkvpacked function) takes qkv whole and
+    returns one dqkv in backward. Otherwise q, k, v are unbound as views (saved once, as one storage), and autograd
+    stacks the backend's separate dq, dk, dv into dqkv in backward: torch's SDPA has no packed form, so that one
+    transient copy stays for the sdpa backends."""
+    packed = getattr(attention_fn, "packed", None)
+    if packed is not None:
+        return packed(qkv)
+    return attention_fn(*qkv.unbind(2))
+
+
+# ---- varlen packing for the flash backends ----
 
 @dataclass
 class Varlen:
-    """A masked batch packed for varlen kernels: every query row kept, only the attended keys kept."""
+    """A masked batch packed for varlen kernels: every query row kept, the attended keys of all sequences back to back
+    at the front of k and v (the dropped keys follow them, zeroed; cu_seqlens_k never reaches them)."""
     q: torch.Tensor               # (N*Sq, heads, dim), a view of q
-    k: torch.Tensor               # (total_k, heads, dim), the kept keys of all N sequences back to back
-    v: torch.Tensor               # (total_k, heads, dim)
+    k: torch.Tensor               # (N*Sk, heads, dim): kept keys in sequence order, then the dropped ones
+    v: torch.Tensor               # (N*Sk, heads, dim)
     cu_seqlens_q: torch.Tensor    # (N+1,) int32: 0, Sq, 2*Sq, ...
     cu_seqlens_k: torch.Tensor    # (N+1,) int32: running sum of kept keys
-    kv_lengths: list[int]         # kept keys per sequence (host ints; xformers and max_seqlen_k need them)
     max_seqlen_q: int
-    max_seqlen_k: int
+    max_seqlen_k: int             # Sk: an upper bound, known from the shape without asking the device
 
 
 def pack_varlen(q, k, v, mask) -> Varlen:
-    """Pack (q, k, v, mask) for varlen kernels. Works for any mask pattern, not only trailing padding."""
+    """Pack (q, k, v, mask) for varlen kernels without a host sync: a stable sort moves the kept keys to the front
+    (any mask pattern, not only trailing padding), so no count has to come back to the host to size a buffer."""
     n, sq, heads, dim = q.shape
     lengths = mask.sum(dim=1, dtype=torch.int32)                                     # (N,)
     cu_seqlens_k = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))        # (N+1,)
     cu_seqlens_q = torch.arange(0, (n + 1) * sq, sq, dtype=torch.int32, device=q.device)
-    kv_lengths = lengths.tolist()  # one host sync; the boolean gather below needs one anyway
-    return Varlen(
-        q=q.reshape(n * sq, heads, dim), k=k[mask], v=v[mask],  # k[mask]: (total_k, heads, dim)
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, kv_lengths=kv_lengths,
-        max_seqlen_q=sq, max_seqlen_k=max(kv_lengths, default=0),
-    )
+    order = torch.argsort((~mask).flatten().to(torch.int8), stable=True)  # kept keys first, each in sequence order
+
+    def pack(t):  # dropped keys are zeroed first, so their gradient is zero whatever the kernel leaves past the end
+        return torch.where(mask[:, :, None, None], t, 0).flatten(0, 1)[order]
+
+    return Varlen(q=q.reshape(n * sq, heads, dim), k=pack(k), v=pack(v), cu_seqlens_q=cu_seqlens_q,
+                  cu_seqlens_k=cu_seqlens_k, max_seqlen_q=sq, max_seqlen_k=k.shape[1])
+
+
+def additive_mask(mask, heads: int, queries: int, dtype) -> torch.Tensor:
+    """bool [N, Sk] -> an additive bias [N, heads, Sq, Sk] (0 kept, -inf dropped) for xformers, broadcast as a view
+    of a [N, 1, 1, Sk rounded up to 8] tensor (xformers wants 16-byte aligned rows)."""
+    n, keys = mask.shape
+    padded = torch.zeros(n, 1, 1, -(-keys // 8) * 8, dtype=dtype, device=mask.device)
+    padded[..., :keys].masked_fill_(~mask[:, None, None, :], float("-inf"))
+    return padded[..., :keys].expand(n, heads, queries, keys)
 
 
 def first_output(result):
@@ -143,22 +170,23 @@ def load_flash(name: str) -> AttentionFn:
         return first_output(out).view_as(q)  # (N*Sq, heads, dim) -> (N, Sq, heads, dim)
 
     attention.__name__ = f"{name}_attention"
+    if hasattr(module, "flash_attn_qkvpacked_func"):  # its backward writes dq, dk, dv into one dqkv buffer
+        def packed(qkv):
+            check_flash_inputs(name, qkv)
+            return first_output(module.flash_attn_qkvpacked_func(qkv, softmax_scale=1.0 / math.sqrt(qkv.shape[-1])))
+
+        attention.packed = packed
     return attention
 
 
 def load_xformers(name: str = "xformers") -> AttentionFn:
-    """xformers memory_efficient_attention takes BMHK (= BSHD); a mask becomes a BlockDiagonalMask over packed keys."""
+    """xformers memory_efficient_attention takes BMHK (= BSHD); a mask becomes an additive bias tensor (no host sync,
+    unlike a BlockDiagonalMask built from host lengths)."""
     xops = import_backend(name)
 
     def xformers_attention(q, k, v, mask=None):
-        if mask is None:
-            return xops.memory_efficient_attention(q, k, v)
-        n, sq = q.shape[:2]
-        packed = pack_varlen(q, k, v, mask)
-        bias = xops.fmha.attn_bias.BlockDiagonalMask.from_seqlens(
-            q_seqlen=[sq] * n, kv_seqlen=packed.kv_lengths, device=q.device)
-        out = xops.memory_efficient_attention(packed.q[None], packed.k[None], packed.v[None], attn_bias=bias)
-        return out.view_as(q)  # (1, N*Sq, heads, dim) -> (N, Sq, heads, dim)
+        bias = None if mask is None else additive_mask(mask, q.shape[2], q.shape[1], q.dtype)
+        return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
 
     return xformers_attention
 

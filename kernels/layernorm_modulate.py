@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch, target_of
 from .lean import activation_dtype
 
 MAX_FEATURES = 16384  # one row must fit one program's registers
@@ -129,7 +130,7 @@ def _row_bwd_kernel(
 def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A kernel's output buffer. The CPU interpreter (triton 3.9) truncates fp32 -> bf16 instead of rounding to
     nearest even as the GPU does, so there bf16 outputs are written in fp32 and rounded by torch (`finish_output`)."""
-    if dtype == torch.bfloat16 and device.type != "cuda":
+    if dtype == torch.bfloat16 and target_of(device).interpreted:
         return torch.empty(shape, dtype=torch.float32, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
@@ -152,13 +153,20 @@ def _row_blocks(n_cols: int) -> tuple[int, int, int]:
     return block_rows, block_d, num_warps
 
 
+def _row_backward_blocks(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_D, num_warps) of the backward: it keeps about five row tiles live (x, dout, xhat, dxhat, y),
+    so it takes half the forward's rows per tile and 4 elements per thread. With the forward's 2 x 2048 tile on 8 warps
+    the fused gate + LN backward needed 176 registers, one block per SM; one row on 16 warps needs under 64, two
+    blocks (bench/compile_check.py, sm_90a)."""
+    block_rows, block_d, _ = _row_blocks(n_cols)
+    block_rows = max(1, block_rows // 2)
+    num_warps = max(4, min(16, block_rows * block_d // (4 * 32)))
+    return block_rows, block_d, num_warps
+
+
 def _programs_per_group(groups: int, rows_per_group: int, block_rows: int, device: torch.device) -> int:
     """Enough programs to fill the device (4 per SM), never more than a group has row tiles."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 2
-    return max(1, min(triton.cdiv(rows_per_group, block_rows), triton.cdiv(target, groups)))
+    return max(1, min(triton.cdiv(rows_per_group, block_rows), triton.cdiv(target_of(device).programs_to_fill, groups)))
 
 
 def check_group_vector(name: str, vector: torch.Tensor, rows: int, features: int) -> torch.Tensor:
@@ -196,7 +204,7 @@ def row_forward(x, shift=None, scale=None, eps=1e-6, gate=None, y=None, normaliz
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device) if normalize else None
     gate, shift, scale = (v if v is not None else x[0, :1] for v in (gate, shift, scale))  # placeholders if off
     dummy = x  # never read or written: its flag is off
-    _row_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+    launch(_row_fwd_kernel, (triton.cdiv(n_rows, block_rows),))(
         x, gate, y if gated else dummy, residual_out if gated else dummy,
         shift, scale, normed if normalize else dummy, mean if normalize else dummy, rstd if normalize else dummy,
         n_rows, d, n_rows // gate.shape[0], n_rows // shift.shape[0], n_rows // scale.shape[0],
@@ -226,7 +234,7 @@ def row_backward(dout=None, x=None, mean=None, rstd=None, scale=None, shift_grou
     vector_groups = [v.shape[0] for v in (scale, gate) if v is not None] + ([shift_groups] if shift_groups else [])
     groups = math.lcm(*vector_groups)  # the finest grouping; divides N because every vector's M does
     rows_per_group = n * s // groups
-    block_rows, block_d, num_warps = _row_blocks(d)
+    block_rows, block_d, num_warps = _row_backward_blocks(d)
     programs = _programs_per_group(groups, rows_per_group, block_rows, like.device)
     partial_shape = (groups, programs, d)
     f32 = dict(dtype=torch.float32, device=like.device)
@@ -239,7 +247,7 @@ def row_backward(dout=None, x=None, mean=None, rstd=None, scale=None, shift_grou
     gate_or_dummy = gate if gated else like[0, :1]
     scale_or_dummy = scale if normalize else like[0, :1]
     dummy = like  # never read or written: its flag is off
-    _row_bwd_kernel[(groups, programs)](
+    launch(_row_bwd_kernel, (groups, programs))(
         x if normalize else dummy, mean if normalize else dummy, rstd if normalize else dummy,
         scale_or_dummy, dout if normalize else dummy, dx if normalize else dummy,
         dresidual_out if dresidual_out is not None else dummy, gate_or_dummy, y if gated else dummy,

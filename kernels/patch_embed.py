@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import LaunchConfig, Target, launch, target_of
 from .layernorm_modulate import empty_output, finish_output
 
 
@@ -155,61 +156,77 @@ class _Geometry:
         return (self.rows, self.features, self.k, self.tokens_per_frame, self.patches_per_row, *x_strides)
 
 
-def _block_k(k: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(k)))
-
-
-def _block_n(features: int) -> int:
-    return max(16, min(128, triton.next_power_of_2(features)))
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must match torch's fp32 matmul, so no TF32 there; other dtypes ignore the choice
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def patch_embed_forward(x, weight, bias, pos_embed, geometry):
-    out = empty_output((x.shape[0], geometry.tokens_per_frame, geometry.features), x.dtype, x.device)
-    block_m, block_n = 64, _block_n(geometry.features)
+def _tiles(geometry, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of all three GEMMs. K = C*p*p is small (16 for Latte's 4 channels and
+    patch 2), so tiles are wide in M and N. fp32 runs on FMA, not tensor cores (no TF32, see `_dot_precision`), and a
+    64x128 fp32 tile needed 254 registers per thread (2 blocks per SM); 32x64 needs 80 (6 blocks per SM, sm_90a)."""
+    block_k = max(16, min(64, triton.next_power_of_2(geometry.k)))
+    block_m, block_n_max = (32, 64) if dtype == torch.float32 else (64, 128)
+    block_n = max(16, min(block_n_max, triton.next_power_of_2(geometry.features)))
+    return block_m, block_n, block_k, 4
+
+
+def _meta(geometry, dtype, target, block_m, block_n, block_k, num_warps) -> dict:
+    return dict(PATCH=geometry.patch, DOT_PRECISION=_dot_precision(dtype), INTERPRETED=target.interpreted,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3)
+
+
+def forward_config(geometry, dtype: torch.dtype, target: Target) -> LaunchConfig:
+    """How `_patch_embed_fwd_kernel` is launched at this geometry and dtype: one program per [BLOCK_M, BLOCK_N] tile."""
+    block_m, block_n, block_k, num_warps = _tiles(geometry, dtype)
     grid = (triton.cdiv(geometry.rows, block_m), triton.cdiv(geometry.features, block_n))
-    _patch_embed_fwd_kernel[grid](
+    return LaunchConfig(grid, _meta(geometry, dtype, target, block_m, block_n, block_k, num_warps))
+
+
+def backward_input_config(geometry, dtype: torch.dtype, target: Target) -> LaunchConfig:
+    """How `_patch_embed_bwd_input_kernel` is launched: one program per [BLOCK_M, BLOCK_K] tile of patches."""
+    block_m, block_n, block_k, num_warps = _tiles(geometry, dtype)
+    grid = (triton.cdiv(geometry.rows, block_m), triton.cdiv(geometry.k, block_k))
+    return LaunchConfig(grid, _meta(geometry, dtype, target, block_m, block_n, block_k, num_warps))
+
+
+def backward_weight_config(geometry, dtype: torch.dtype, target: Target) -> LaunchConfig:
+    """How `_patch_embed_bwd_weight_kernel` is launched: (D blocks, K blocks, row splits), with enough row splits to
+    fill the device (never more than there are row tiles)."""
+    block_m, block_n, block_k, num_warps = _tiles(geometry, dtype)
+    d_blocks, k_blocks = triton.cdiv(geometry.features, block_n), triton.cdiv(geometry.k, block_k)
+    row_tiles = triton.cdiv(geometry.rows, block_m)
+    splits = max(1, min(row_tiles, triton.cdiv(target.programs_to_fill, d_blocks * k_blocks)))
+    meta = _meta(geometry, dtype, target, block_m, block_n, block_k, num_warps)
+    return LaunchConfig((d_blocks, k_blocks, splits), meta)
+
+
+def patch_embed_forward(x, weight, bias, pos_embed, geometry):
+    target = target_of(x.device)
+    out = empty_output((x.shape[0], geometry.tokens_per_frame, geometry.features), x.dtype, x.device)
+    config = forward_config(geometry, x.dtype, target)
+    launch(_patch_embed_fwd_kernel, config.grid)(
         x, weight, bias, pos_embed if pos_embed is not None else bias, out, *geometry.args(x.stride()),
-        PATCH=geometry.patch, HAS_POS=pos_embed is not None, DOT_PRECISION=_dot_precision(x.dtype),
-        INTERPRETED=x.device.type != "cuda",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(geometry.k), num_warps=4,
+        HAS_POS=pos_embed is not None, **config.meta,
     )
     return finish_output(out, x.dtype)
 
 
 def patch_embed_backward_input(dout, weight, x_shape, geometry):
     dx = empty_output(x_shape, dout.dtype, dout.device)
-    block_m, block_k = 64, _block_k(geometry.k)
-    grid = (triton.cdiv(geometry.rows, block_m), triton.cdiv(geometry.k, block_k))
-    _patch_embed_bwd_input_kernel[grid](
-        dout, weight, dx, *geometry.args(dx.stride()),
-        PATCH=geometry.patch, DOT_PRECISION=_dot_precision(dout.dtype), INTERPRETED=dout.device.type != "cuda",
-        BLOCK_M=block_m, BLOCK_N=_block_n(geometry.features), BLOCK_K=block_k, num_warps=4,
-    )
+    config = backward_input_config(geometry, dout.dtype, target_of(dout.device))
+    launch(_patch_embed_bwd_input_kernel, config.grid)(dout, weight, dx, *geometry.args(dx.stride()), **config.meta)
     return finish_output(dx, dout.dtype)
-
-
-def _splits(row_tiles: int, other_programs: int, device: torch.device) -> int:
-    """Row splits for the weight grad: fill the GPU (4 programs per SM); a couple on the CPU interpreter."""
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(row_tiles, triton.cdiv(target, other_programs)))
 
 
 def patch_embed_backward_weight(dout, x, geometry):
     """(dweight [D, K] fp32, dbias [D] fp32)."""
-    block_m, block_n, block_k = 64, _block_n(geometry.features), _block_k(geometry.k)
-    d_blocks, k_blocks = triton.cdiv(geometry.features, block_n), triton.cdiv(geometry.k, block_k)
-    splits = _splits(triton.cdiv(geometry.rows, block_m), d_blocks * k_blocks, dout.device)
+    config = backward_weight_config(geometry, dout.dtype, target_of(dout.device))
+    splits = config.grid[2]
     partial_dweight = torch.empty(splits, geometry.features, geometry.k, dtype=torch.float32, device=dout.device)
     partial_dbias = torch.empty(splits, geometry.features, dtype=torch.float32, device=dout.device)
-    _patch_embed_bwd_weight_kernel[(d_blocks, k_blocks, splits)](
-        dout, x, partial_dweight, partial_dbias, *geometry.args(x.stride()),
-        PATCH=geometry.patch, DOT_PRECISION=_dot_precision(dout.dtype), INTERPRETED=dout.device.type != "cuda",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    launch(_patch_embed_bwd_weight_kernel, config.grid)(
+        dout, x, partial_dweight, partial_dbias, *geometry.args(x.stride()), **config.meta,
     )
     return partial_dweight.sum(0), partial_dbias.sum(0)
 

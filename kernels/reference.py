@@ -59,3 +59,20 @@ def patch_embed(x, weight, bias, pos_embed, patch: int, upcast: bool = False):
         pos_embed = pos_embed.double() if pos_embed is not None else None
     tokens = patchify(x, patch) @ weight.reshape(weight.shape[0], -1).t() + bias
     return tokens if pos_embed is None else tokens + pos_embed.to(tokens.dtype)
+
+
+def temporal_attention(qkv, frames: int, upcast: bool = False):
+    """Attention over the F frames of each spatial position (twin of kernels/temporal_attention.py).
+
+    qkv [B*F, S, 3, heads, dim] in the spatial layout (row b*F + f = frame f of sample b) -> [B*F, S, heads, dim].
+    Scores and softmax in qkv's dtype (fp64 with upcast), like an unfused attention.
+    """
+    dtype = qkv.dtype
+    if upcast:
+        qkv = qkv.double()
+    rows, positions, _, heads, dim = qkv.shape
+    q, k, v = qkv.view(rows // frames, frames, positions, 3, heads, dim).unbind(3)  # each (B, F, S, h, d)
+    scores = torch.einsum("bishd,bjshd->bshij", q, k) / dim**0.5  # (B, S, h, F, F)
+    out = torch.einsum("bshij,bjshd->bishd", scores.softmax(dim=-1), v)  # (B, F, S, h, d)
+    out = out.reshape(rows, positions, heads, dim)
+    return out if upcast else out.to(dtype)

@@ -1,7 +1,6 @@
-"""The Triton KernelSet: the signatures of `kernels/reference.py` without `upcast`, bound by `kernel_set("triton")`."""
-from .gate_residual import gate_residual, gate_residual_layernorm_modulate
-from .layernorm_modulate import layernorm_modulate
-from .patch_embed import patch_embed
+"""The Triton KernelSet: the signatures of `kernels/reference.py` without `upcast`, bound by `kernel_set("triton")`.
+All four are the registered custom ops of kernels/custom_ops.py (opaque to torch.compile: no graph breaks)."""
+from .custom_ops import gate_residual, gate_residual_layernorm_modulate, layernorm_modulate, patch_embed
 from .registry import KernelSet
 
 TRITON_KERNELS = KernelSet(

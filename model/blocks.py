@@ -6,27 +6,27 @@ from torch import nn
 
 from ristretto.kernels.registry import TORCH_KERNELS
 
-from .attention import CrossAttention, SelfAttention
+from .attention import CrossAttention, SelfAttention, TemporalSelfAttention
 from .mlp import Mlp
 
 
 class LatteBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, modulation: nn.Module,
-                 cross_attention: bool, eps: float = 1e-6):
+                 cross_attention: bool, eps: float = 1e-6, temporal: bool = False):
         super().__init__()
         self.eps = eps
         self.modulation = modulation  # -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D)
-        self.attn = SelfAttention(hidden_size, num_heads)
+        self.attn = (TemporalSelfAttention if temporal else SelfAttention)(hidden_size, num_heads)
         self.cross_attn = CrossAttention(hidden_size, num_heads) if cross_attention else None
         self.mlp = Mlp(hidden_size, mlp_ratio, eps)
         self.kernels = TORCH_KERNELS
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (N, S, D) in the spatial or temporal layout; cond: (B, .) with N a multiple of B.
+        # x: (N, S, D), all frames (spatial block) or the video frames (temporal block); cond: (B, .), N = B * frames.
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(cond)  # each (B, D)
         ops = self.kernels
-        attn_out = self.attn(ops.layernorm_modulate(x, shift_msa, scale_msa, self.eps))  # (N, S, D)
+        attn_out = self.attn(ops.layernorm_modulate(x, shift_msa, scale_msa, self.eps), samples=cond.shape[0])
         x = ops.gate_residual(x, gate_msa, attn_out)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, context_mask)  # PixArt: no norm, no gate before cross-attention

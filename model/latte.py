@@ -11,7 +11,7 @@ from torch import nn
 from .blocks import FinalLayer, LatteBlock
 from .conditioning import ClassConditioning, TextConditioning
 from .embeddings import PatchEmbed, sincos_1d
-from .layout import to_spatial, to_temporal, unpatchify
+from .layout import add_frame_embedding, unpatchify, video_rows, with_image_rows
 from .modulation import AdaLNSingleCaption, AdaLNZero
 
 
@@ -28,7 +28,7 @@ class Latte(nn.Module):
         # blocks[2i] is layer i's spatial block, blocks[2i+1] its temporal block (Latte's "interleaved" variant).
         self.blocks = nn.ModuleList(
             LatteBlock(hidden_size, num_heads, mlp_ratio, conditioning.modulation(6, hidden_size),
-                       cross_attention=conditioning.has_context and index % 2 == 0, eps=eps)
+                       cross_attention=conditioning.has_context and index % 2 == 0, eps=eps, temporal=index % 2 == 1)
             for index in range(2 * depth)
         )
         # The residual stream's dtype between blocks (train.residual_dtype: bf16 halves every saved block input);
@@ -71,10 +71,10 @@ class Latte(nn.Module):
         tokens = self.patch_embed(x.flatten(0, 1)).to(self.residual_dtype)  # (B*(F+I), S, D)
         for layer, (spatial, temporal) in enumerate(zip(self.blocks[0::2], self.blocks[1::2])):
             tokens = spatial(tokens, cond.block, context=cond.context, context_mask=cond.context_mask)
-            frames = to_temporal(tokens, batch, video_frames)  # (B*S, F, D)
+            video = video_rows(tokens, batch, video_frames)  # (B*F, S, D): a view unless image frames follow
             if layer == 0 and video_frames > 1:
-                frames = frames + self.temporal_pos_embed[:video_frames].to(frames.dtype)
-            tokens = to_spatial(temporal(frames, cond.block), tokens, batch, video_frames)  # (B*(F+I), S, D)
+                video = add_frame_embedding(video, self.temporal_pos_embed[:video_frames], batch)
+            tokens = with_image_rows(temporal(video, cond.block), tokens, batch, video_frames)  # (B*(F+I), S, D)
         out = self.final_layer(tokens, cond.final)  # (B*(F+I), S, p*p*C_out)
         return unpatchify(out, batch, self.patch_size, height, width)  # (B, F+I, C_out, H, W)
 

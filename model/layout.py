@@ -1,27 +1,49 @@
-"""The two token layouts of Latte and the moves between them, in one place.
+"""The token layouts of Latte and the moves between them, in one place.
 
-spatial:  [B * (F + I), S, D]  - each frame's S = (H/p)*(W/p) tokens attend to each other (I image frames last)
-temporal: [B * S, F, D]        - each patch position's F video frames attend to each other; images are left out
+The residual stream always stays in the spatial layout; temporal blocks see its video rows (a view) and only
+temporal attention regroups q, k, v by frames - inside the Triton kernel (no copy) or here (attention backends).
+
+spatial:  [B * (F + I), S, D]  - each frame's S = (H/p)*(W/p) tokens (I image frames last); spatial blocks and
+                                 cross-attention use all rows
+video:    [B * F, S, D]        - the video frames' rows, what temporal blocks see: a view when I = 0
+frame sequences: [B * S, F, heads, dim] - q, k, v of one patch position across the F frames, for attention
+                                 backends that take sequences (a copy; the Triton temporal kernel reads the video rows)
 """
 import torch
 
 
-def to_temporal(spatial: torch.Tensor, batch: int, video_frames: int) -> torch.Tensor:
-    """[B*(F+I), S, D] -> [B*S, F, D] over the video frames only."""
-    tokens, dim = spatial.shape[1:]
-    frames = spatial.view(batch, -1, tokens, dim)[:, :video_frames]  # (B, F, S, D)
-    return frames.transpose(1, 2).reshape(batch * tokens, video_frames, dim)
+def video_rows(tokens: torch.Tensor, batch: int, video_frames: int) -> torch.Tensor:
+    """[B*(F+I), S, D] -> [B*F, S, D]: a view without image frames, else a copy of the video frames."""
+    if tokens.shape[0] == batch * video_frames:
+        return tokens
+    return tokens.unflatten(0, (batch, -1))[:, :video_frames].flatten(0, 1)
 
 
-def to_spatial(temporal: torch.Tensor, spatial_before: torch.Tensor, batch: int, video_frames: int) -> torch.Tensor:
-    """[B*S, F, D] -> [B*(F+I), S, D]; image frames (after the video frames) come back unchanged from spatial_before."""
-    tokens, dim = spatial_before.shape[1:]
-    video = temporal.view(batch, tokens, video_frames, dim).transpose(1, 2)  # (B, F, S, D)
-    total_frames = spatial_before.shape[0] // batch
-    if total_frames > video_frames:  # joint image+video batch: images skip temporal attention
-        images = spatial_before.view(batch, total_frames, tokens, dim)[:, video_frames:]
-        video = torch.cat([video, images], dim=1)
-    return video.reshape(batch * total_frames, tokens, dim)
+def with_image_rows(video: torch.Tensor, tokens: torch.Tensor, batch: int, video_frames: int) -> torch.Tensor:
+    """[B*F, S, D] video rows + the image frames of tokens [B*(F+I), S, D] (unchanged) -> [B*(F+I), S, D]."""
+    if tokens.shape[0] == video.shape[0]:
+        return video
+    images = tokens.unflatten(0, (batch, -1))[:, video_frames:]  # (B, I, S, D)
+    return torch.cat([video.unflatten(0, (batch, video_frames)), images], dim=1).flatten(0, 1)
+
+
+def add_frame_embedding(video: torch.Tensor, table: torch.Tensor, batch: int) -> torch.Tensor:
+    """video [B*F, S, D] + table [F, D]: frame f's embedding added to every token of frame f."""
+    return (video.unflatten(0, (batch, -1)) + table[:, None, :].to(video.dtype)).flatten(0, 1)
+
+
+def frame_sequences(qkv: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B*F, S, 3, heads, dim] -> q, k, v, each [B*S, F, heads, dim]: views of one copy, so an attention that
+    saves its inputs saves one storage, as it would for a spatial qkv."""
+    rows, tokens, _, heads, dim = qkv.shape
+    by_frame = qkv.view(rows // frames, frames, tokens, 3, heads, dim).permute(3, 0, 2, 1, 4, 5)  # (3, B, S, F, h, d)
+    return by_frame.reshape(3, -1, frames, heads, dim).unbind(0)
+
+
+def frames_from_sequences(out: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[B*S, F, ...] -> [B*F, S, ...] (a copy)."""
+    by_position = out.unflatten(0, (-1, tokens))  # (B, S, F, ...)
+    return by_position.transpose(1, 2).reshape(-1, tokens, *out.shape[2:])
 
 
 def unpatchify(tokens: torch.Tensor, batch: int, patch: int, height: int, width: int) -> torch.Tensor:
@@ -31,10 +53,3 @@ def unpatchify(tokens: torch.Tensor, batch: int, patch: int, height: int, width:
     x = tokens.reshape(-1, grid_h, grid_w, patch, patch, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(batch, -1, channels, height, width)
-
-
-def expand_rows(per_group: torch.Tensor, rows: int) -> torch.Tensor:
-    """[M, ...] -> [rows, ...], each group repeated rows // M times (a caption per sample -> per frame)."""
-    if per_group.shape[0] == rows:
-        return per_group
-    return per_group.repeat_interleave(rows // per_group.shape[0], dim=0)

@@ -82,3 +82,27 @@ def test_high_noise_bias_moves_that_fraction_of_timesteps_into_the_noisiest_30_p
     high = (biased >= 700).float().mean().item()
     assert high == pytest.approx(0.3 + 0.5 * 0.7, abs=0.03)  # uniform's own 30% plus half of the rest
     assert (uniform >= 700).float().mean().item() == pytest.approx(0.3, abs=0.03)
+
+
+def test_schedule_tables_are_copied_to_a_device_once(monkeypatch):
+    """training_loss indexes fp64 tables by the timesteps on their device: each table is moved there once, not in
+    every step (a copy per step would cross PCIe and make the host wait)."""
+    diffusion = Diffusion(DiffusionConfig())
+    moved = []
+    real_table = Diffusion.table
+
+    def counting(self, name, device):
+        tables = self._tables_on.get(torch.device(device), {})
+        if name not in tables:
+            moved.append(name)
+        return real_table(self, name, device)
+
+    monkeypatch.setattr(Diffusion, "table", counting)
+    x0, noise = torch.randn(2, 2, 3, 4, 4), torch.randn(2, 2, 3, 4, 4)
+    timesteps = torch.tensor([0, 500])
+    output = torch.randn(2, 2, 6, 4, 4)  # learned sigma: the variational-bound term reads five tables
+    for _ in range(3):
+        diffusion.training_loss(output, x0, noise, diffusion.add_noise(x0, noise, timesteps), timesteps)
+    assert sorted(moved) == sorted(set(moved)) and len(moved) >= 4
+    assert diffusion.table("log_betas", "cpu") is diffusion.table("log_betas", torch.device("cpu"))
+    torch.testing.assert_close(diffusion.table("log_betas", "cpu"), diffusion.betas.log())

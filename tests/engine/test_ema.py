@@ -86,3 +86,69 @@ def test_without_ema_samples_use_the_live_model(tmp_path, monkeypatch):
     train_module.train(build_config("tiny-t2v", TINY + ["train.ema_decay=0", "train.max_steps=1"]), tmp_path / "run")
     assert sampled_with == [built["model"]]
     assert not (tmp_path / "run" / "weights" / "ema.safetensors").exists()
+
+
+def two_layer_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.GELU(), torch.nn.Linear(3, 2))
+
+
+def nudge(model, amount):
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(amount * torch.randn_like(param))
+
+
+def test_multi_tensor_update_equals_the_per_parameter_rule():
+    model = two_layer_model()
+    ema = EMA(model, decay=0.9, warmup=False)
+    expected = {k: v.clone() for k, v in ema.state_dict().items()}
+    for step in range(3):
+        nudge(model, 0.5)
+        ema.update(model, step)
+        expected = {k: 0.9 * expected[k] + 0.1 * v.detach() for k, v in model.state_dict().items()}
+    for key, value in ema.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_ema_every_k_updates_every_kth_step_with_decay_to_the_k():
+    model = two_layer_model()
+    ema = EMA(model, decay=0.9, warmup=False, every=3)
+    expected = {k: v.clone() for k, v in ema.state_dict().items()}
+    for step in range(7):
+        nudge(model, 0.5)
+        before = {k: v.clone() for k, v in ema.state_dict().items()}
+        ema.update(model, step)
+        if step in (2, 5):  # the 3rd and 6th optimizer steps
+            expected = {k: 0.9**3 * expected[k] + (1 - 0.9**3) * v.detach() for k, v in model.state_dict().items()}
+        else:
+            assert all(torch.equal(v, before[k]) for k, v in ema.state_dict().items()), step
+    for key, value in ema.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)
+    with pytest.raises(ValueError, match="ema_every"):
+        EMA(model, decay=0.9, every=0)
+
+
+def test_ema_options_reach_the_built_ema_and_are_validated():
+    from ristretto.engine.build import build_training_model
+    from ristretto.engine.config import ConfigError
+
+    config = build_config("tiny-t2v", TINY + ["train.ema_every=4", "train.ema_on_cpu=true"])
+    _, ema, _ = build_training_model(config, torch.device("cpu"))
+    assert ema.every == 4 and all(p.device.type == "cpu" for p in ema.model.parameters())
+    with pytest.raises(ConfigError, match="train.ema_every"):
+        build_config("tiny-t2v", ["train.ema_every=0"])
+    with pytest.raises(ConfigError, match="train.ema_on_cpu"):
+        build_config("tiny-t2v", ["train.ema_on_cpu=true", "dist.strategy=fsdp"])
+
+
+@pytest.mark.gpu
+def test_ema_on_cpu_follows_a_cuda_model():
+    model = two_layer_model().cuda()
+    ema = EMA(model, decay=0.5, warmup=False, device="cpu")
+    assert all(p.device.type == "cpu" for p in ema.model.parameters())
+    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    nudge(model, 1.0)
+    ema.update(model, 0)
+    for key, value in ema.state_dict().items():
+        torch.testing.assert_close(value, 0.5 * start[key] + 0.5 * model.state_dict()[key].cpu(), msg=key)

@@ -18,8 +18,9 @@ TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=1", "data.fram
 SCALARS = {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_rss_gb", "bad_steps"}
 
 
-def test_metrics_jsonl_tensorboard_and_progress_bar(tmp_path, capsys):
+def test_metrics_jsonl_tensorboard_and_progress_bar(tmp_path, capsys, monkeypatch):
     pytest.importorskip("tensorboard")
+    monkeypatch.setenv("RISTRETTO_PROGRESS", "1")  # pytest's stderr is no terminal: the bar is off unless forced
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"

@@ -205,3 +205,14 @@ def test_auto_plan_matches_saved_tensors_with_ema_and_a_midway_budget(preset):
     predicted = plan.predict_memory(config, "cpu")
     assert {"none"} < set(predicted.choices) | {"none"} and predicted.fits(budget * plan.GIB)
     assert within(predicted.activation_bytes, measure_saved_bytes(config))
+
+
+def test_temporal_attention_choice_saves_the_same_and_is_planned():
+    """Both temporal attention paths keep q, k, v once, the output once (proj's input is a view of it) and the
+    logsumexp: the attention_backend path projects before moving the output back to the spatial layout."""
+    configs = [build_config("tiny-t2v", ["train.batch_size=2", "data.num_images=1",
+                                         f"model.temporal_attention={name}"]) for name in ("attention_backend", "triton")]
+    measured = [measure_saved_bytes(config) for config in configs]
+    planned = plan.predict_memory(configs[0], "cpu").activation_bytes
+    assert measured[0] == measured[1]
+    assert abs(planned - measured[0]) <= 64, (planned, measured)  # a few scalars aside

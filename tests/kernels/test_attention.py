@@ -66,10 +66,32 @@ def test_pack_varlen_offsets_and_keys():
     mask[2] = torch.tensor([True, False, True, False, False, True])  # not a prefix: packing must gather
     packed = attn.pack_varlen(q, k, v, mask)
     lengths = mask.sum(1).tolist()
-    assert packed.kv_lengths == lengths and packed.max_seqlen_k == max(lengths)
+    assert packed.max_seqlen_k == 6 and packed.k.shape == (3 * 6, 2, 8)  # sized from the shape, not the mask
     assert packed.cu_seqlens_k.tolist() == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
     assert packed.cu_seqlens_q.tolist() == [0, 5, 10, 15] and packed.cu_seqlens_q.dtype == torch.int32
-    torch.testing.assert_close(packed.k[sum(lengths[:2]):], k[2, [0, 2, 5]])
+    torch.testing.assert_close(packed.k[:sum(lengths)], k[mask])
+    torch.testing.assert_close(packed.v[sum(lengths[:2]):sum(lengths)], v[2, [0, 2, 5]])
+    assert not packed.k[sum(lengths):].any()  # dropped keys: zero
+
+
+def test_masked_packing_never_asks_the_host(monkeypatch):
+    """No .tolist()/.item()/bool() on a tensor: on a GPU each would wait for the device."""
+    q, k, v, mask = make_inputs(3, 5, 6, 2, 8, masked=True)
+    for name in ("tolist", "item", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}"))
+    attn.pack_varlen(q, k, v, mask)
+    attn.additive_mask(mask, 2, 5, torch.float32)
+
+
+@pytest.mark.gpu
+def test_masked_packing_has_no_cuda_sync():
+    q, k, v, mask = make_inputs(3, 5, 6, 2, 8, masked=True, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        attn.pack_varlen(q, k, v, mask)
+        attn.additive_mask(mask, 2, 5, torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_unknown_backend_names_the_choices():
@@ -100,7 +122,7 @@ def test_forced_kernel_that_cannot_run_names_sdpa():
 def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
     """What flash_attn_varlen_func computes, one sequence at a time, in fp32."""
     assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
-    assert max_seqlen_k == int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+    assert max_seqlen_k >= int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())  # an upper bound is what flash needs
     outs = []
     for i in range(len(cu_seqlens_q) - 1):
         qs, ks, vs = (t[a:b].float() for t, a, b in ((q, *cu_seqlens_q[i:i + 2].tolist()),
@@ -126,29 +148,26 @@ def fake_flash_module(returns_lse: bool):
     def flash_attn_varlen_func(q, k, v, **kwargs):
         return wrap(reference_varlen(q, k, v, **kwargs))
 
-    return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func)
+    def flash_attn_qkvpacked_func(qkv, softmax_scale):
+        calls.append(tuple(qkv.shape))
+        return flash_attn_func(*qkv.unbind(2), softmax_scale=softmax_scale)
+
+    calls = []
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func,
+                                 flash_attn_qkvpacked_func=flash_attn_qkvpacked_func, packed_calls=calls)
 
 
 def fake_xformers_ops():
-    class BlockDiagonalMask:
-        @classmethod
-        def from_seqlens(cls, q_seqlen, kv_seqlen, device=None):
-            mask = cls()
-            mask.cu_q = torch.tensor([0, *q_seqlen], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            mask.cu_k = torch.tensor([0, *kv_seqlen], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            mask.max_k = max(kv_seqlen)
-            return mask
-
     def memory_efficient_attention(q, k, v, attn_bias=None):
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        if attn_bias is None:
-            return fake_flash_module(False).flash_attn_func(q, k, v, softmax_scale=scale)
-        out = reference_varlen(q[0], k[0], v[0], attn_bias.cu_q, attn_bias.cu_k, None, attn_bias.max_k, scale)
-        return out[None]
+        assert attn_bias is None or attn_bias.shape == (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+        if attn_bias is not None:  # xformers wants the bias rows 16-byte aligned: the storage is padded
+            assert attn_bias.untyped_storage().nbytes() // attn_bias.element_size() % 8 == 0
+        scores = torch.einsum("nqhd,nkhd->nhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+        if attn_bias is not None:
+            scores = scores + attn_bias.float()
+        return torch.einsum("nhqk,nkhd->nqhd", scores.softmax(-1), v.float()).to(q.dtype)
 
-    attn_bias = types.SimpleNamespace(BlockDiagonalMask=BlockDiagonalMask)
-    return types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention,
-                                 fmha=types.SimpleNamespace(attn_bias=attn_bias))
+    return types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
 
 
 @pytest.mark.parametrize("name", ["fa4", "fa3", "fa2", "xformers"])
@@ -167,6 +186,21 @@ def test_optional_backend_wrapper_equals_math(monkeypatch, name, case):
     for what, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, atol=2e-2, rtol=2e-2, msg=lambda m: f"{name} {what}: {m}")
+
+
+@pytest.mark.parametrize("name", ["fa2", "fa3", "sdpa"])
+def test_packed_self_attention_equals_unbound(monkeypatch, name):
+    """fa2/fa3 get qkv whole (their backward writes one dqkv); sdpa gets unbound views of it."""
+    fake = fake_flash_module(returns_lse=name == "fa3")
+    if name != "sdpa":
+        monkeypatch.setitem(sys.modules, attn.OPTIONAL_PACKAGES[name][0], fake)
+    qkv = torch.randn(2, 9, 3, 2, 16, dtype=torch.bfloat16, requires_grad=True)
+    got = attn.packed_self_attention(attention_backend(name), qkv)
+    expected = attention_backend("sdpa-math")(*qkv.float().unbind(2))
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+    got.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+    assert fake.packed_calls == ([] if name == "sdpa" else [(2, 9, 3, 2, 16)])
 
 
 def test_flash_backends_reject_what_they_cannot_run(monkeypatch):

@@ -105,8 +105,9 @@ def test_attention_backend_seam_is_applied_from_outside():
         model(torch.randn(1, 3, 3, 16, 16), torch.tensor([5]), caption=torch.randn(1, 6, 12))
     finally:
         del attention_module.ATTENTION_BACKENDS["recording"]
-    # one layer: spatial self (B*F=3 rows of 16 tokens), cross (3 rows), temporal self (16 rows of 3 frames)
-    assert calls == [(3, 16, 2, 16), (3, 16, 2, 16), (16, 3, 2, 16)]
+    # one layer: spatial self (B*F=3 rows of 16 tokens), cross (the sample's 3 frames as one row of 48 queries
+    # against its caption), temporal self (16 positions of 3 frames, through the attention_backend path)
+    assert calls == [(3, 16, 2, 16), (1, 48, 2, 16), (16, 3, 2, 16)]
 
 
 
