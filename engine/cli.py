@@ -31,8 +31,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import (PRESETS, ConfigError, apply_override, build_config, config_from_dict, config_to_dict,
-                     validate)
+from .config import (DEFAULT_PRESET, PRESETS, ConfigError, apply_override, build_config, config_from_dict,
+                     config_to_dict, validate)
 from .run_lock import LOCK_FILE, RunLock
 
 EXIT_USAGE = 2
@@ -77,8 +77,8 @@ def configure_threads() -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train.py", description="Train a Latte video diffusion transformer.")
-    parser.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default: tiny-t2v, or the "
-                                                       "resumed run's)")
+    parser.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default: {DEFAULT_PRESET}, "
+                                                       "or the resumed run's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<preset>-<time>)")
@@ -224,7 +224,7 @@ def prepare(args, lock=None):
             check_writable(run_dir)
             check_loggers(config)
             return config, run_dir, checkpoint
-    config = build_config(args.preset or "tiny-t2v", args.overrides)
+    config = build_config(args.preset or DEFAULT_PRESET, args.overrides)
     if args.out is None and "WORLD_SIZE" in os.environ:
         raise ConfigError("--out: required under torchrun, so that every rank writes to the same run folder")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

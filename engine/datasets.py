@@ -23,7 +23,8 @@ def build_dataset(config: RunConfig, split: str = "train", augment: bool = True)
         from .synthetic import SyntheticClips  # noqa: PLC0415 - imported lazily: its module is independent of ours
 
         return SyntheticClips(data.frames, data.resolution, size=data.synthetic_size, seed=config.train.seed,
-                              num_images=data.num_images, entering=data.synthetic_entering)
+                              num_images=data.num_images, entering=data.synthetic_entering,
+                              size_scale=data.synthetic_size_scale)
     if data.kind == "cached":
         from .cache import CachedLatents  # noqa: PLC0415
 

@@ -112,12 +112,15 @@ def _word_pairs(caption: str) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------------------- rendering
 
 def render_clip(caption: str, frames: int, resolution: int, generator: torch.Generator,
-                entering: bool = False) -> torch.Tensor:
+                entering: bool = False, size_scale: float = 1.0) -> torch.Tensor:
     """[frames, 3, H, W] in [-1, 1]: the caption's object on black, moving its way; deterministic given `generator`.
     entering=True: the object starts at the edge it moves away from, centred across, at top speed (one trajectory
-    per direction and size, instead of a random start and speed)."""
+    per direction and size, instead of a random start and speed). size_scale multiplies the object's size range."""
     colour, shape, direction = parse_caption(caption)
-    half = resolution * _uniform(generator, *_SIZE_RANGE)
+    half = resolution * size_scale * _uniform(generator, *_SIZE_RANGE)
+    if 2 * half >= resolution:
+        raise ValueError(f"render_clip: size_scale={size_scale} makes the object ({2 * half:.1f} px) as wide as the "
+                         f"frame ({resolution} px)")
     room = resolution - 2 * half  # span the centre may cover with the whole object in view
     speed = resolution / 32 * (_SPEED_RANGE[1] if entering else _uniform(generator, *_SPEED_RANGE))
     travel = min(speed * (frames - 1), room)
@@ -172,9 +175,10 @@ class SyntheticClips(Dataset):
     """
 
     def __init__(self, frames: int, resolution: int, size: int = 4096, seed: int = 0,
-                 captions: list[str] | None = None, num_images: int = 0, entering: bool = False):
+                 captions: list[str] | None = None, num_images: int = 0, entering: bool = False,
+                 size_scale: float = 1.0):
         self.frames, self.resolution, self.size, self.seed, self.num_images = frames, resolution, size, seed, num_images
-        self.entering = entering  # see render_clip
+        self.entering, self.size_scale = entering, size_scale  # see render_clip
         self.captions = list(captions) if captions is not None else split_captions()[0]
         if not self.captions:
             raise ValueError("SyntheticClips: no captions to draw from (captions=[])")
@@ -190,9 +194,9 @@ class SyntheticClips(Dataset):
         # torch's CPU generator keeps only a seed's low 32 bits: pack (seed, index) into them, unique below 1e6 items.
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**32)
         caption = self._draw_caption(generator)
-        video = render_clip(caption, self.frames, self.resolution, generator, self.entering)
+        video = render_clip(caption, self.frames, self.resolution, generator, self.entering, self.size_scale)
         image_captions = [self._draw_caption(generator) for _ in range(self.num_images)]
-        stills = [render_clip(c, 1, self.resolution, generator) for c in image_captions]
+        stills = [render_clip(c, 1, self.resolution, generator, size_scale=self.size_scale) for c in image_captions]
         return {"video": torch.cat([video, *stills]), "caption": caption,
                 "label": COLOUR_NAMES.index(parse_caption(caption)[0]), "image_captions": image_captions}
 

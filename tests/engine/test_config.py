@@ -72,3 +72,14 @@ def test_cli_user_errors_are_one_line_and_nonzero(args, message, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_default_preset_is_the_quick_caption_learner_and_size_scale_is_checked():
+    from ristretto.engine.cli import parse_args
+    from ristretto.engine.config import DEFAULT_PRESET
+
+    assert parse_args([]).preset is None and DEFAULT_PRESET == "quick-t2v"
+    config = build_config()
+    assert config.preset == "quick-t2v" and config.data.synthetic_entering and config.model.caption_adaln
+    with pytest.raises(ConfigError, match="data.synthetic_size_scale"):
+        build_config("quick-t2v", ["data.synthetic_size_scale=3"])

@@ -185,3 +185,24 @@ def test_entering_motion_starts_at_the_far_edge_on_one_trajectory_per_direction(
         assert abs(centroids[0][0] - centroids[1][0]) < 1.5 and abs(centroids[0][1] - centroids[1][1]) < 1.5
         start = centroids[0][0] if direction in ("left", "right") else centroids[0][1]
         assert (start < 8) == (direction in ("right", "down"))  # starts on the side it moves away from
+
+
+@pytest.mark.parametrize("entering", [False, True])
+def test_size_scale_grows_the_object_and_keeps_it_readable(entering):
+    """data.synthetic_size_scale: the same draw with scale 1.5 covers about 2.25x the pixels, stays fully in view
+    and still scores right; a scale that would fill the frame is refused, naming the factor."""
+    captions = all_captions()[::5]
+    for caption in captions:
+        small, big = (render_clip(caption, 4, 16, torch.Generator().manual_seed(7), entering, scale)
+                      for scale in (1.0, 1.5))
+        area_small, area_big = ((clip + 1).sum() for clip in (small, big))
+        assert 1.8 < area_big / area_small < 2.7
+        per_frame = (big + 1).sum(dim=(1, 2, 3))
+        assert (per_frame - per_frame[0]).abs().max() < 0.1 * per_frame[0]  # whole in every frame (up to sub-pixel jitter)
+    videos = [render_clip(c, 4, 16, torch.Generator().manual_seed(i), entering, 1.5) for i, c in enumerate(captions)]
+    scores = score_against_captions(videos, captions)
+    assert scores["colour_accuracy"] == scores["direction_accuracy"] == scores["shape_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="size_scale=2.5"):
+        render_clip(captions[0], 4, 16, torch.Generator().manual_seed(0), entering, 2.5)
+    dataset = SyntheticClips(4, 16, size=2, captions=captions, entering=entering, size_scale=1.5)
+    assert torch.equal(dataset[1]["video"], dataset[1]["video"])
