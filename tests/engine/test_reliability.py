@@ -433,22 +433,25 @@ def test_a_weight_file_dropped_from_the_manifest_is_refused(tmp_path):
     assert latest_checkpoint(run_dir) is None
 
 
-def test_cpu_threads_follow_the_affinity_and_openmp_waits_passively(monkeypatch):
-    # The process may run on 3 CPUs (a cgroup/taskset share), whatever torch would pick on its own (here: all).
-    probe = ("import os; os.sched_getaffinity = lambda pid: {0, 1, 2}; from ristretto.engine.cli import "
-             "configure_threads; configure_threads(); import torch; "
-             "print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])")
+def _threads_and_policy(load: float) -> list[str]:
+    """What a fresh process picks on 3 allowed CPUs (a cgroup/taskset share) with the given 1-minute load."""
+    probe = ("import os; os.sched_getaffinity = lambda pid: {0, 1, 2}; "
+             f"os.getloadavg = lambda: ({load}, 0.0, 0.0); from ristretto.engine.cli import "
+             "configure_openmp, configure_threads; configure_threads(configure_openmp()); import torch; "
+             "print(torch.get_num_threads(), os.environ.get('OMP_WAIT_POLICY', 'default'))")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["3", "PASSIVE"]
-    from ristretto.engine.cli import configure_threads  # what the user set wins
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_cpu_threads_are_the_idle_cpus_of_the_affinity_and_sleep_on_a_loaded_machine(monkeypatch):
+    assert _threads_and_policy(0.2) == ["3", "default"]  # idle: every allowed CPU, OpenMP's short spin
+    assert _threads_and_policy(1.1) == ["2", "PASSIVE"]  # one CPU busy elsewhere: fewer threads, sleeping when idle
+    assert _threads_and_policy(7.0) == ["1", "PASSIVE"]  # overloaded: one thread, never zero
+    from ristretto.engine.cli import configure_openmp  # what the user set wins
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
-    threads = torch.get_num_threads()
-    configure_threads()
-    assert torch.get_num_threads() == threads and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert configure_openmp() is None and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_an_error_reraised_from_a_data_loader_worker_is_still_one_line():
