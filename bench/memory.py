@@ -38,7 +38,7 @@ from ristretto.engine.config import build_config
 from ristretto.engine.diffusion import Diffusion
 from ristretto.engine.plan import GIB, largest_that_fits, predict_memory
 from ristretto.engine.progress import progress_bar
-from ristretto.engine.train import TrainState, build_optimizer, micro_step_loss, optimizer_step
+from ristretto.engine.train import TrainState, build_optimizer, micro_step_loss, update_step
 
 MEMORY_OVERRIDES = ("data.kind=cached",)  # latents are given: no encoders (the plan then counts none either)
 SMOKE_CONFIGS = [
@@ -101,8 +101,8 @@ class TrainingSteps:
                                        micro * batch, self.config)
                 (loss / accum).backward()
                 loss_sum += float(loss.detach())
-            optimizer_step(self.model, self.optimizer, self.scheduler, self.ema, self.state, self.config.train,
-                           loss_sum / accum)
+            update_step(self.model, self.optimizer, self.scheduler, self.ema, self.state, self.config.train,
+                        loss_sum / accum)
             self.state.step += 1
 
 

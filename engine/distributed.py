@@ -10,7 +10,7 @@ Small functions the loop calls (torchtitan-style `apply_*`, plain arguments, no 
                                block=config.train.batch_size)
     ... per micro-batch:  first = first_sample_index(state.samples_seen, micro, info, batch_size)
                           with sync_context(train_model, micro == grad_accum - 1): forward + backward
-    ... once per step:    optimizer_step(model, ...)   # the unwrapped module: same Parameters, plain names
+    ... once per step:    update_step(model, ...)   # the unwrapped module: same Parameters, plain names
                           state.samples_seen += global_batch_size(batch_size, grad_accum, info)
 
 Order of the seams (engine/build.py does the first four, this file the last):

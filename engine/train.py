@@ -284,12 +284,6 @@ def update_step(model, optimizer, scheduler, ema, state: TrainState, train, loss
     return StepResult(loss_value, norm_value, stepped)
 
 
-def optimizer_step(model, optimizer, scheduler, ema, state: TrainState, train, loss) -> tuple[float, bool]:
-    """update_step for callers that keep their own loss: returns (grad norm, stepped)."""
-    result = update_step(model, optimizer, scheduler, ema, state, train, loss)
-    return result.grad_norm, result.stepped
-
-
 def train_step(train_model, model, optimizer, scheduler, ema, batches, encoders, diffusion, precision,
                state: TrainState, config, device, info: DistInfo) -> StepResult:
     """One optimizer step of the run, exactly as the loop runs it (bench/step.py times this function): grad_accum

@@ -23,7 +23,7 @@ from ristretto.engine.datasets import build_dataset, build_loader
 from ristretto.engine.diffusion import Diffusion
 from ristretto.engine.sampler import ResumableSampler
 from ristretto.engine.train import (TrainState, build_encoders, build_optimizer, caption_dropout_mask,
-                                    drop_conditions, encode_batch, micro_step_loss, optimizer_step)
+                                    drop_conditions, encode_batch, micro_step_loss, update_step)
 
 WORLD, PER_RANK_BATCH, ACCUM, STEPS, SAVE_AT = 2, 2, 2, 3, 2
 TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=1", "data.frames=4", "data.resolution=16",
@@ -63,7 +63,7 @@ class Run:
         self.state = TrainState()
 
     def step(self, after_backward=None) -> tuple[float, float]:
-        """One optimizer step, as train.py's accumulate_gradients + optimizer_step with the distributed seams."""
+        """One optimizer step, as train.py's accumulate_gradients + update_step with the distributed seams."""
         config, train, info = self.config, self.config.train, self.info
         batches = self.batches = getattr(self, "batches", None) or iter(self.loader)
         loss_sum = 0.0
@@ -80,9 +80,9 @@ class Run:
                 after_backward(micro)
             loss_sum += float(loss.detach())
         loss = D.all_reduce_mean(loss_sum / train.grad_accum, info)
-        grad_norm, stepped = optimizer_step(self.model, self.optimizer, self.scheduler, self.ema, self.state, train,
-                                            loss)
-        assert stepped
+        result = update_step(self.model, self.optimizer, self.scheduler, self.ema, self.state, train, loss)
+        grad_norm = result.grad_norm
+        assert result.stepped
         self.state.samples_seen += D.global_batch_size(train.batch_size, train.grad_accum, info)
         self.state.step += 1
         return loss, grad_norm

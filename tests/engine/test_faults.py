@@ -18,7 +18,7 @@ from ristretto.engine.build import build_training_model
 from ristretto.engine.checkpoint import latest_checkpoint, list_checkpoints, load_training_state, verify_checkpoint
 from ristretto.engine.cli import main as cli_main
 from ristretto.engine.config import build_config
-from ristretto.engine.train import TrainingFault, TrainState, build_optimizer, optimizer_step, train
+from ristretto.engine.train import TrainingFault, TrainState, build_optimizer, update_step, train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.hidden_size=32", "model.num_heads=2", "model.depth=1", "data.frames=2", "data.resolution=8",
@@ -41,23 +41,24 @@ def poison_attempts(monkeypatch, attempts: set[int], batch_size: int = 2, value=
     monkeypatch.setattr(train_module, "micro_step_loss", poisoned)
 
 
-def test_non_finite_gradient_skips_the_whole_optimizer_step():
+def test_non_finite_gradient_skips_the_whole_update_step():
     config = build_config("tiny-t2v", TINY)
     model, ema, _ = build_training_model(config, torch.device("cpu"))
     optimizer, scheduler = build_optimizer(model, config.train)
     for param in model.parameters():
         param.grad = torch.ones_like(param)
-    optimizer_step(model, optimizer, scheduler, ema, TrainState(), config.train, loss=1.0)  # one good step
+    update_step(model, optimizer, scheduler, ema, TrainState(), config.train, loss=1.0)  # one good step
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ema_before = {k: v.clone() for k, v in ema.state_dict().items()}
     moments = {k: v["exp_avg"].clone() for k, v in optimizer.state_dict()["state"].items()}
     for param in model.parameters():
         param.grad = torch.full_like(param, float("inf"))
-    _, stepped = optimizer_step(model, optimizer, scheduler, ema, TrainState(step=1), config.train, loss=1.0)
+    stepped = update_step(model, optimizer, scheduler, ema, TrainState(step=1), config.train, loss=1.0).stepped
     assert not stepped
     for param in model.parameters():
         param.grad = torch.ones_like(param)  # finite gradients but a NaN loss: skipped as well
-    _, stepped = optimizer_step(model, optimizer, scheduler, ema, TrainState(step=1), config.train, loss=float("nan"))
+    stepped = update_step(model, optimizer, scheduler, ema, TrainState(step=1), config.train,
+                          loss=float("nan")).stepped
     assert not stepped
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(v, ema_before[k]) for k, v in ema.state_dict().items())
