@@ -212,17 +212,23 @@ def fp8_linear_names(model: nn.Module, rows: Callable[[str], int] | None = None)
             if fp8_linear_filter(name, module, rows(name) if rows is not None else None)]
 
 
-def import_fp8_backend(module_name: str, precision: str, install: str):
+# train.precision -> (the package it needs, how to install it): the one table for the start-up check and the imports.
+FP8_BACKENDS = {"fp8-te": ("transformer_engine", "pip install transformer-engine[pytorch]"),
+                "fp8-ao": ("torchao", "pip install torchao")}
+
+
+def import_fp8_backend(module_name: str, precision: str):
     try:
         return importlib.import_module(module_name)
     except ImportError:
+        install = FP8_BACKENDS[precision][1]
         raise ImportError(f"train.precision={precision!r} needs {module_name}: {install}") from None
 
 
 def convert_to_te(model: nn.Module, recipe: str, names: list[str], precision: Precision) -> None:
     """Swap the named nn.Linear for te.Linear (same weights), each called with is_first_microbatch from
     `precision`; set precision's FP8 context, TE recipe and TE checkpoint (for activation checkpointing)."""
-    te = import_fp8_backend("transformer_engine.pytorch", "fp8-te", "pip install transformer-engine[pytorch]")
+    te = import_fp8_backend("transformer_engine.pytorch", "fp8-te")
     te_recipe = make_te_recipe(recipe)
     for name in names:
         old = model.get_submodule(name)
@@ -263,8 +269,7 @@ def te_autocast(te, te_recipe) -> Callable[[object], ContextManager]:
 
 def make_te_recipe(recipe: str):
     """The Transformer Engine recipe object for `recipe` (TE's defaults: HYBRID format, amax history 1024)."""
-    te_recipes = import_fp8_backend("transformer_engine.common.recipe", "fp8-te",
-                                    "pip install transformer-engine[pytorch]")
+    te_recipes = import_fp8_backend("transformer_engine.common.recipe", "fp8-te")
     class_name = {"delayed": "DelayedScaling", "current": "Float8CurrentScaling", "block": "Float8BlockScaling",
                   "mxfp8": "MXFP8BlockScaling"}[recipe]
     if not hasattr(te_recipes, class_name):
@@ -275,7 +280,7 @@ def make_te_recipe(recipe: str):
 
 def convert_to_ao(model: nn.Module, recipe: str, names: list[str], emulate: bool = False) -> None:
     """torchao convert_to_float8_training on the named linears (emulate: torchao's CPU-capable emulation)."""
-    float8 = import_fp8_backend("torchao.float8", "fp8-ao", "pip install torchao")
+    float8 = import_fp8_backend("torchao.float8", "fp8-ao")
     chosen = set(names)
     config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
     float8.convert_to_float8_training(model, config=config, module_filter_fn=lambda module, fqn: fqn in chosen)

@@ -12,13 +12,11 @@ from contextlib import contextmanager
 import torch
 
 from .config import ConfigError
+from .precision import FP8_BACKENDS, check_fp8_device, resolve_recipe
 
 log = logging.getLogger(__name__)
 # Test hook: seconds to pause at the start of set-up (a window to send a signal in, as a slow data or model load).
 SETUP_DELAY_ENV = "RISTRETTO_TEST_SETUP_DELAY"
-# train.precision -> (module, how to install it)
-FP8_BACKENDS = {"fp8-te": ("transformer_engine", "pip install transformer-engine[pytorch]"),
-                "fp8-ao": ("torchao", "pip install torchao")}
 
 
 def check_environment(config, device: torch.device) -> None:
@@ -34,8 +32,6 @@ def check_environment(config, device: torch.device) -> None:
         module, install = FP8_BACKENDS[precision]
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"train.precision={precision} needs the {module} package: {install}")
-        from .precision import check_fp8_device, resolve_recipe  # noqa: PLC0415
-
         try:
             check_fp8_device(device, precision, resolve_recipe(precision, config.train.fp8_recipe))
         except (RuntimeError, ValueError) as error:
