@@ -141,9 +141,6 @@ class DiffusionConfig:
     """Probability that a training sample's timestep is drawn from the noisiest 30% instead of uniformly. Where the
     input is almost pure noise the model must produce layout and motion from the condition alone; uniform sampling
     spends too little there for small models to learn it (docs/proof.md)."""
-    frame_noise_correlation: float = 0.0
-    """Correlation in [0, 1) between the noise of any two video frames, in training and sampling (PYoCo's mixed
-    noise): one noise draw shared by all frames plus one per frame (0 = independent frames)."""
     sampler: str = "ddim"
     """Sampler for validation videos: ddim | dpm (DPM-Solver++ multistep)."""
     sample_steps: int = 25

@@ -11,17 +11,6 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 MIN_SNR_GAMMA = 5.0
 
 
-def mix_frame_noise(noise: torch.Tensor, shared: torch.Tensor, correlation: float) -> torch.Tensor:
-    """Noise correlated across frames (PYoCo's mixed noise, Ge et al. 2023): noise [B, F, ...] and shared [B, ...],
-    both standard normal -> sqrt(c) * shared + sqrt(1 - c) * noise per frame, still standard normal per element,
-    with correlation c between any two frames."""
-    if not correlation:
-        return noise
-    if not 0.0 < correlation < 1.0:
-        raise ValueError(f"diffusion.frame_noise_correlation={correlation}: expected a value in [0, 1)")
-    return math.sqrt(correlation) * shared[:, None] + math.sqrt(1.0 - correlation) * noise
-
-
 class Diffusion:
     def __init__(self, config):
         self.config = config

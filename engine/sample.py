@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from .diffusion import mix_frame_noise
 from .progress import progress_bar
 from .video_io import contact_sheet, write_video
 
@@ -32,17 +31,12 @@ def null_conditions_for(config, count: int, text_encoder, device) -> dict:
 
 @torch.no_grad()
 def generate(model, diffusion, conditions: dict, null_conditions: dict, shape, guidance_scale: float, steps: int,
-             seed: int, device, autocast=None, frame_noise_correlation: float = 0.0) -> torch.Tensor:
-    """Denoise Gaussian noise of `shape` [B, F, C, H, W] into latents with the diffusers sampler, guided by CFG.
-    frame_noise_correlation: the starting noise's correlation across frames, as in training (mix_frame_noise)."""
+             seed: int, device, autocast=None) -> torch.Tensor:
+    """Denoise Gaussian noise of `shape` [B, F, C, H, W] into latents with the diffusers sampler, guided by CFG."""
     sampler = diffusion.sampler()
     sampler.set_timesteps(steps, device=device)
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(shape, generator=generator)
-    if frame_noise_correlation:  # drawn after the per-frame noise: seeds without it keep their videos
-        shared = torch.randn((shape[0], *shape[2:]), generator=generator)
-        latents = mix_frame_noise(latents, shared, frame_noise_correlation)
-    latents = latents.to(device) * sampler.init_noise_sigma
+    latents = torch.randn(shape, generator=generator).to(device) * sampler.init_noise_sigma
     channels = shape[2]
     guided = guidance_scale != 1.0
     both = {k: torch.cat([conditions[k], null_conditions[k]]) for k in conditions} if guided else conditions
@@ -120,7 +114,7 @@ def sample_videos(config, model, vae, text_encoder, diffusion, prompts, device, 
     latents = generate(model, diffusion, conditions, null, shape,
                        config.diffusion.guidance_scale if guidance is None else guidance,
                        steps or config.diffusion.sample_steps, config.sample.seed if seed is None else seed, device,
-                       autocast, config.diffusion.frame_noise_correlation)
+                       autocast)
     return vae.decode(latents).clamp(-1, 1)
 
 

@@ -34,7 +34,7 @@ from .checkpoint import (FP8_STATE, CheckpointError, checkpoint_dir, prune_check
                          set_rng_state)
 from .config import RESUMES_KEY, config_to_dict
 from .datasets import build_dataset, loader_for
-from .diffusion import Diffusion, mix_frame_noise
+from .diffusion import Diffusion
 from .metrics import MetricsLog, truncate_metrics
 from .plan import predict_memory
 from .preflight import check_dataset, check_environment, check_first_batch, check_sampling, loading_errors_named
@@ -92,25 +92,22 @@ HIGH_NOISE_START = 0.7  # diffusion.high_noise_bias draws from the noisiest 30% 
 
 
 def draw_timesteps_and_noise(shape, first_index: int, seed: int, num_timesteps: int, high_noise_bias: float = 0.0,
-                             device="cpu", frame_noise_correlation: float = 0.0):
+                             device="cpu"):
     """Per-sample timesteps [B] (int64) and noise [B, ...] (fp32) on `device` for samples first_index .. first_index +
     B - 1. With probability high_noise_bias a sample's timestep is moved into the noisiest 30%, where layout and motion
-    are decided (chosen on the device: no host round trip). frame_noise_correlation: see mix_frame_noise."""
-    timesteps, noise, bias_draws, shared = [], [], [], []
+    are decided (chosen on the device: no host round trip)."""
+    timesteps, noise, bias_draws = [], [], []
     for row in range(shape[0]):
         generator = sample_generator(seed, first_index + row, "diffusion", device)
         timesteps.append(torch.randint(0, num_timesteps, (1,), generator=generator, device=device))
         noise.append(torch.randn(shape[1:], generator=generator, device=device))
         bias_draws.append(torch.rand(1, generator=generator, device=device))  # drawn last: never changes the noise
-        if frame_noise_correlation:  # after the others: runs without it draw what they drew before
-            shared.append(torch.randn(shape[2:], generator=generator, device=device))
     timesteps = torch.cat(timesteps)
     if high_noise_bias:
         start = int(HIGH_NOISE_START * num_timesteps)
         moved = start + timesteps % (num_timesteps - start)
         timesteps = torch.where(torch.cat(bias_draws) < high_noise_bias, moved, timesteps)
-    noise = torch.stack(noise)
-    return timesteps, mix_frame_noise(noise, torch.stack(shared), frame_noise_correlation) if shared else noise
+    return timesteps, torch.stack(noise)
 
 
 def caption_dropout_mask(batch_size: int, first_index: int, seed: int, probability: float, device="cpu") -> torch.Tensor:
@@ -175,8 +172,7 @@ def micro_step_loss(model, diffusion, precision, latents, conditions, first_inde
     a 0-dim tensor on the latents' device (never read here: reading it would make the host wait)."""
     timesteps, noise = draw_timesteps_and_noise(latents.shape, first_index, config.train.seed,
                                                 diffusion.num_timesteps, config.diffusion.high_noise_bias,
-                                                device=latents.device,
-                                                frame_noise_correlation=config.diffusion.frame_noise_correlation)
+                                                device=latents.device)
     x_t = diffusion.add_noise(latents, noise, timesteps)
     with precision.autocast():
         output = model(x_t, timesteps, num_images=config.data.num_images, **conditions)
