@@ -56,19 +56,27 @@ def modulated_linear_backward(dout, x, shift, scale, weight, ops, eps: float, au
     return dx, dshift, dscale, dweight, dbias
 
 
+GROUP_PIECES_ELEMENTS = 1 << 24  # fp32 elements of per-group weight-gradient pieces computed at once (64 MiB)
+
+
 def gated_linear_backward(dout, act, gate, weight, bias, dtype: torch.dtype):
     """(dact [tokens, K] in dtype, dgate, dweight, dbias fp32) of residual + gate * linear(act), without the
     linear's output. dout [N, S, D] in the residual layout; act [tokens, K] with its rows in the same order."""
     groups = gate.shape[0]
     dout_groups = dout.reshape(groups, -1, dout.shape[-1])  # rows sharing a gate are contiguous
     act_groups = act.view(groups, -1, act.shape[-1])
+    dout_sums = dout_groups.float().sum(1)  # [M, D]
     dgate = torch.empty(gate.shape, dtype=torch.float32, device=gate.device)
     dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    dout_sums = dout_groups.float().sum(1)  # [M, D]
-    for g in range(groups):  # M is the batch (adaLN vectors per sample): a short loop of full-size matmuls
-        product = (dout_groups[g].to(dtype).t() @ act_groups[g]).float()  # G_g [D, K]
-        dgate[g] = (weight.float() * product).sum(1) + bias.float() * dout_sums[g]
-        dweight += gate[g].float()[:, None] * product
+    # M is the batch (adaLN vectors per sample): as many groups per batched matmul as a bounded workspace holds
+    # (one call for small layers, where a loop's per-call overhead would dominate)
+    chunk = max(1, GROUP_PIECES_ELEMENTS // weight.numel())
+    for start in range(0, groups, chunk):
+        part = slice(start, start + chunk)
+        product = torch.bmm(dout_groups[part].to(dtype).transpose(1, 2), act_groups[part]).float()  # G_g [g, D, K]
+        dgate[part] = (weight.float() * product).sum(-1) + bias.float() * dout_sums[part]
+        dweight += (gate[part].float()[:, :, None] * product).sum(0)
+        del product
     dbias = (gate.float() * dout_sums).sum(0)
     dy = tokens((dout_groups * gate[:, None, :]).to(dtype))  # the gradient reaching the linear's output
     return dy @ weight.to(dtype), dgate, dweight, dbias

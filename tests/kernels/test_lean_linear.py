@@ -132,3 +132,21 @@ def test_fused_ops_name_bad_shapes():
         modulated_linear(x, shift, scale, nn.Linear(8, 8), ops)
     with pytest.raises(ValueError, match=r"gated_projection: expected"):
         gated_projection(x, gate, x, nn.Linear(8, 8), ops)
+
+
+def test_gate_gradient_pieces_in_chunks_equal_one_batched_call(monkeypatch):
+    """Large layers compute the per-group pieces a few groups at a time (a bounded workspace): same gradients."""
+    from ristretto.kernels import lean_linear  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(3)
+    dout, act = torch.randn(6, 5, 8, generator=gen), torch.randn(30, 12, generator=gen)
+    gate, weight, bias = torch.randn(3, 8, generator=gen), torch.randn(8, 12, generator=gen), torch.randn(8)
+    whole = lean_linear.gated_linear_backward(dout, act, gate, weight, bias, torch.float32)
+    monkeypatch.setattr(lean_linear, "GROUP_PIECES_ELEMENTS", 2 * weight.numel())  # 2 groups, then 1
+    chunked = lean_linear.gated_linear_backward(dout, act, gate, weight, bias, torch.float32)
+    for got, expected in zip(chunked, whole):
+        torch.testing.assert_close(got, expected)
+    y_grad = (dout.reshape(3, -1, 8) * gate[:, None]).reshape(-1, 8)  # autograd's dgate, from the output itself
+    expected_dgate = ((dout.reshape(3, -1, 8)) * (act @ weight.t() + bias).reshape(3, -1, 8)).sum(1)
+    torch.testing.assert_close(whole[1], expected_dgate, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(whole[0], y_grad @ weight)
