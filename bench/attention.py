@@ -138,7 +138,7 @@ def copy_bandwidth_gbps(device, smoke: bool) -> float:
 
 
 def triton_temporal_attention():
-    from ristretto.kernels.temporal_attention import temporal_attention  # noqa: PLC0415 - Triton on demand
+    from ristretto.kernels.custom_ops import temporal_attention  # noqa: PLC0415 - Triton on demand
 
     return temporal_attention
 

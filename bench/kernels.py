@@ -5,6 +5,8 @@
 On a GPU: bf16, D=1152, 16 frames, 256 and 1024 tokens per frame, batch 2 and 8; forward and forward+backward timed
 with triton.testing.do_bench; achieved GB/s counts the bytes an ideal fused op must move, and is compared with the
 device's copy bandwidth measured in the same run. Patch embedding is also compared with Conv2d + reshape + pos add.
+Temporal attention is bench/attention.py's temporal case (qkv [B*F, S, 3, heads, 72] -> out in the spatial layout,
+its ideal byte count), timed here like every kernel; bench/attention.py also compares it with the attention backends.
 Writes a table to stdout, JSON to --out (default runs/bench/ in the working directory) and a bar chart PNG next to
 it.
 
@@ -29,10 +31,11 @@ if not torch.cuda.is_available():
 
 from ristretto.engine.progress import progress_bar  # noqa: E402
 from ristretto.bench.common import RESULTS_DIR, bar_chart, device_name, format_table, write_results  # noqa: E402
+from ristretto.bench import attention  # noqa: E402
 from ristretto.kernels import reference  # noqa: E402
 
-OPS = ("patch_embed", "layernorm_modulate", "gate_residual", "gate_residual_layernorm_modulate")
-FRAMES, CHANNELS, PATCH, FEATURES = 16, 4, 2, 1152  # Latte-XL/2 on 4-channel VAE latents
+OPS = ("patch_embed", "layernorm_modulate", "gate_residual", "temporal_attention")
+FRAMES, CHANNELS, PATCH, FEATURES, HEAD_DIM = 16, 4, 2, 1152, 72  # Latte-XL/2 on 4-channel VAE latents
 GPU_SIZES = [(2, 256), (8, 256), (2, 1024), (8, 1024)]  # (batch, tokens per frame)
 SMOKE = dict(frames=2, features=64, sizes=[(1, 16)])
 
@@ -100,13 +103,15 @@ def setup_gate_residual(batch, tokens, frames, features, dtype, device) -> Case:
                 bytes_fwd=3 * act, bytes_bwd=3 * act, impls={"torch": reference.gate_residual})
 
 
-def setup_gate_residual_layernorm_modulate(batch, tokens, frames, features, dtype, device) -> Case:
-    residual, y = _activations(batch, tokens, frames, features, dtype, device, 2)
-    gate, shift, scale = _vectors(batch, features, dtype, device, 3)
-    act = _nbytes(y)  # fwd: 2 reads, 2 writes; bwd reads dout, dnormed, out, y and writes dresidual, dy
-    return Case("gate_residual_layernorm_modulate", f"[{y.shape[0]},{tokens},{features}] M={batch}",
-                (residual, gate, y, shift, scale), bytes_fwd=4 * act, bytes_bwd=6 * act,
-                impls={"torch": reference.gate_residual_layernorm_modulate})
+def setup_temporal_attention(batch, tokens, frames, features, dtype, device) -> Case:
+    heads = max(1, features // HEAD_DIM)
+    spec = attention.Case("temporal_attention", batch * tokens, frames, frames, heads, HEAD_DIM, kind="temporal",
+                          frames=frames, tokens=tokens)
+    qkv, _ = attention.make_inputs(spec, device, dtype)
+    fwd_bytes = spec.bytes("fwd", qkv.element_size())
+    return Case("temporal_attention", f"qkv[{','.join(map(str, qkv.shape))}]", (qkv, frames), bytes_fwd=fwd_bytes,
+                bytes_bwd=spec.bytes("fwd+bwd", qkv.element_size()) - fwd_bytes,
+                impls={"torch": reference.temporal_attention})
 
 
 SETUPS = {op: globals()[f"setup_{op}"] for op in OPS}
@@ -195,7 +200,7 @@ def parse_args(argv):
 
 def main(argv=None) -> Path | None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from ristretto.kernels.triton_set import TRITON_KERNELS  # noqa: PLC0415 - after TRITON_INTERPRET is settled
+    from ristretto.kernels import custom_ops  # noqa: PLC0415 - after TRITON_INTERPRET is settled
 
     on_gpu = torch.cuda.is_available()
     smoke = args.smoke or not on_gpu
@@ -212,7 +217,7 @@ def main(argv=None) -> Path | None:
     cases = [(op, batch, tokens) for op in args.ops.split(",") for batch, tokens in sizes]
     for op, batch, tokens in progress_bar(cases, desc="kernels", unit="case"):
         case = SETUPS[op](batch, tokens, frames, features, dtype, device)
-        rows += bench_case(case, getattr(TRITON_KERNELS, op), time_ms, copy_gbps, use_compile=on_gpu)
+        rows += bench_case(case, getattr(custom_ops, op), time_ms, copy_gbps, use_compile=on_gpu)
         del case
     print(format_table(rows))
 
