@@ -14,10 +14,9 @@ Without CUDA it runs a smoke version: tiny shapes, Triton in the CPU interpreter
 torch.compile; its JSON says "smoke": true (CPU numbers say nothing about the kernels' speed).
 """
 import argparse
+import functools
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,7 +29,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ristretto.engine.progress import progress_bar  # noqa: E402
-from ristretto.bench.common import RESULTS_DIR, bar_chart, device_name, format_table, write_results  # noqa: E402
+from ristretto.bench.common import (RESULTS_DIR, bar_chart, copy_bandwidth_gbps, device_name, format_table,  # noqa: E402
+                                    time_ms, write_results)
 from ristretto.bench import attention  # noqa: E402
 from ristretto.kernels import reference  # noqa: E402
 
@@ -120,32 +120,6 @@ SETUPS = {op: globals()[f"setup_{op}"] for op in OPS}
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def wall_clock_ms(fn, reps=2) -> float:
-    """Median wall-clock milliseconds (CPU smoke runs; one untimed warm-up call)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def timer(on_gpu: bool) -> Callable[[Callable], float]:
-    if not on_gpu:
-        return wall_clock_ms
-    import triton.testing  # noqa: PLC0415 - GPU only
-
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth_gbps(time_ms, device, numel) -> float:
-    """The device's achievable bandwidth: a large tensor copy (read + write), timed like the kernels."""
-    src = torch.empty(numel, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / time_ms(lambda: dst.copy_(src)) / 1e6
-
-
 def forward_and_backward(fn, inputs):
     """fn's forward, and a callable running forward + backward to every input that requires grad."""
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -163,7 +137,7 @@ def forward_and_backward(fn, inputs):
     return fwd, fwd_bwd
 
 
-def bench_case(case: Case, triton_op, time_ms, copy_gbps, use_compile) -> list[dict]:
+def bench_case(case: Case, triton_op, timer, copy_gbps, use_compile) -> list[dict]:
     impls = {"triton": triton_op, **case.impls}
     if use_compile:
         impls["torch.compile"] = torch.compile(case.impls["torch"])
@@ -172,7 +146,7 @@ def bench_case(case: Case, triton_op, time_ms, copy_gbps, use_compile) -> list[d
         eager_ms = None
         for name, fn in impls.items():
             fwd, fwd_bwd = forward_and_backward(fn, case.inputs)
-            ms = time_ms(fwd if mode == "fwd" else fwd_bwd)
+            ms = timer(fwd if mode == "fwd" else fwd_bwd)
             eager_ms = ms if name == "torch" else eager_ms
             gbps = nbytes / ms / 1e6
             rows.append({"op": case.op, "shape": case.shape, "mode": mode, "impl": name, "ms": ms, "GB/s": gbps,
@@ -208,16 +182,16 @@ def main(argv=None) -> Path | None:
     frames, features, sizes = (SMOKE["frames"], SMOKE["features"], SMOKE["sizes"]) if smoke else (
         FRAMES, FEATURES, GPU_SIZES)
     dtype = torch.bfloat16
-    time_ms = timer(on_gpu)
+    timer = functools.partial(time_ms, device=device)
     torch.manual_seed(0)
-    copy_gbps = copy_bandwidth_gbps(time_ms, device, numel=(1 << 20) if smoke else (1 << 28))
+    copy_gbps = copy_bandwidth_gbps(device, numel=(1 << 20) if smoke else (1 << 28))
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s on {device_name()}" + (" (smoke run: tiny shapes)" if smoke else ""))
 
     rows = []
     cases = [(op, batch, tokens) for op in args.ops.split(",") for batch, tokens in sizes]
     for op, batch, tokens in progress_bar(cases, desc="kernels", unit="case"):
         case = SETUPS[op](batch, tokens, frames, features, dtype, device)
-        rows += bench_case(case, getattr(custom_ops, op), time_ms, copy_gbps, use_compile=on_gpu)
+        rows += bench_case(case, getattr(custom_ops, op), timer, copy_gbps, use_compile=on_gpu)
         del case
     print(format_table(rows))
 
