@@ -104,6 +104,7 @@ def setup_gate_residual(batch, tokens, frames, features, dtype, device) -> Case:
 
 
 def setup_temporal_attention(batch, tokens, frames, features, dtype, device) -> Case:
+    """bench/attention.py's temporal case (its inputs and ideal byte count) with Latte's head dim 72."""
     heads = max(1, features // HEAD_DIM)
     spec = attention.Case("temporal_attention", batch * tokens, frames, frames, heads, HEAD_DIM, kind="temporal",
                           frames=frames, tokens=tokens)
