@@ -122,7 +122,8 @@ def triton_temporal_attention():
 
 def without_projection(temporal_attention_fn):
     """The model's temporal attention with an identity output projection: (qkv, frames) -> [B*F, S, heads*dim]."""
-    return lambda qkv, frames: temporal_attention_fn(qkv, frames, lambda out: out)
+    return lambda qkv, frames: temporal_attention_fn(qkv, frames,
+                                                     lambda out, layout: out if layout is None else layout.to_rows(out))
 
 
 def temporal_implementations(backends: list[str], compile_reference: bool) -> dict:
