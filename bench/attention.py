@@ -23,8 +23,6 @@ wall clock and Triton's interpreter: it checks the plumbing, not speed. JSON (+ 
 """
 import argparse
 import os
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +32,8 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ristretto.engine.progress import progress_bar  # noqa: E402
-from ristretto.bench.common import bar_chart, device_name, format_table, write_results  # noqa: E402
+from ristretto.bench.common import (bar_chart, copy_bandwidth_gbps, device_name, format_table, time_ms,  # noqa: E402
+                                    write_results)
 from ristretto.kernels import reference  # noqa: E402
 from ristretto.kernels.attention import attention_backend, installed_backends  # noqa: E402
 from ristretto.model.attention import attention_over_frames  # noqa: E402
@@ -115,37 +114,16 @@ def make_inputs(case: Case, device, dtype=torch.bfloat16):
     return q, k, v, mask
 
 
-def time_ms(fn, device, grads=()) -> float:
-    """Median milliseconds of fn(): triton's do_bench on a GPU, a wall clock on CPU."""
-    if device.type == "cuda":
-        import triton.testing  # noqa: PLC0415 - GPU-only dependency
-
-        return triton.testing.do_bench(fn, grad_to_none=list(grads), return_mode="median")
-    fn()  # warm-up
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
-def copy_bandwidth_gbps(device, smoke: bool) -> float:
-    """The device's achievable bandwidth: a large bf16 copy (read + write), timed like the attention calls."""
-    src = torch.empty((1 << 20) if smoke else (1 << 28), dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / time_ms(lambda: dst.copy_(src), device) / 1e6
-
-
 def triton_temporal_attention():
-    from ristretto.kernels.temporal_attention import temporal_attention  # noqa: PLC0415 - Triton on demand
+    from ristretto.kernels.custom_ops import temporal_attention  # noqa: PLC0415 - Triton on demand
 
     return temporal_attention
 
 
 def without_projection(temporal_attention_fn):
     """The model's temporal attention with an identity output projection: (qkv, frames) -> [B*F, S, heads*dim]."""
-    return lambda qkv, frames: temporal_attention_fn(qkv, frames, lambda out: out)
+    return lambda qkv, frames: temporal_attention_fn(qkv, frames,
+                                                     lambda out, layout: out if layout is None else layout.to_rows(out))
 
 
 def temporal_implementations(backends: list[str], compile_reference: bool) -> dict:
@@ -284,7 +262,7 @@ def run(out_dir: Path | str | None = None, backends: list[str] | None = None, sm
     smoke = smoke or device.type != "cuda"
     backends = backends or installed_backends()
     peak = bf16_peak_tflops(device)
-    copy_gbps = copy_bandwidth_gbps(device, smoke)
+    copy_gbps = copy_bandwidth_gbps(device, numel=(1 << 20) if smoke else (1 << 28))
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s on {device_name()}" + (" (smoke run: tiny shapes)" if smoke else ""))
     cases = benchmark_cases(smoke)
     rows = [row for case in progress_bar(cases, desc="attention", unit="case")

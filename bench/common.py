@@ -1,7 +1,10 @@
-"""What every benchmark shares: the environment record, the results file, the printed table and the bar chart."""
+"""What every benchmark shares: the timer, the copy bandwidth, the environment record, the results file, the printed
+table and the bar chart."""
 import datetime
 import json
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -9,6 +12,29 @@ import torch
 # Where results go without --out: beside training runs in the working directory (runs/ is git-ignored), never into
 # the installed source tree. GPU results meant to be committed are written with --out bench/results.
 RESULTS_DIR = Path("runs") / "bench"
+
+
+def time_ms(fn, device: torch.device, grads=()) -> float:
+    """Median milliseconds of fn(): triton.testing.do_bench on a GPU (resetting the .grad of `grads` between calls), a
+    wall clock on CPU (one untimed warm-up call, three timed: CPU smoke runs check plumbing, not speed)."""
+    if device.type == "cuda":
+        import triton.testing  # noqa: PLC0415 - GPU-only dependency
+
+        return triton.testing.do_bench(fn, grad_to_none=list(grads), return_mode="median")
+    fn()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbps(device: torch.device, numel: int) -> float:
+    """The device's achievable bandwidth: a large bf16 copy (read + write), timed like the kernels it is compared with."""
+    src = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / time_ms(lambda: dst.copy_(src), device) / 1e6
 
 
 def device_name() -> str:

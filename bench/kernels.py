@@ -5,6 +5,8 @@
 On a GPU: bf16, D=1152, 16 frames, 256 and 1024 tokens per frame, batch 2 and 8; forward and forward+backward timed
 with triton.testing.do_bench; achieved GB/s counts the bytes an ideal fused op must move, and is compared with the
 device's copy bandwidth measured in the same run. Patch embedding is also compared with Conv2d + reshape + pos add.
+Temporal attention is bench/attention.py's temporal case (qkv [B*F, S, 3, heads, 72] -> out in the spatial layout,
+its ideal byte count), timed here like every kernel; bench/attention.py also compares it with the attention backends.
 Writes a table to stdout, JSON to --out (default runs/bench/ in the working directory) and a bar chart PNG next to
 it.
 
@@ -12,10 +14,9 @@ Without CUDA it runs a smoke version: tiny shapes, Triton in the CPU interpreter
 torch.compile; its JSON says "smoke": true (CPU numbers say nothing about the kernels' speed).
 """
 import argparse
+import functools
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,11 +29,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ristretto.engine.progress import progress_bar  # noqa: E402
-from ristretto.bench.common import RESULTS_DIR, bar_chart, device_name, format_table, write_results  # noqa: E402
+from ristretto.bench.common import (RESULTS_DIR, bar_chart, copy_bandwidth_gbps, device_name, format_table,  # noqa: E402
+                                    time_ms, write_results)
+from ristretto.bench import attention  # noqa: E402
 from ristretto.kernels import reference  # noqa: E402
 
-OPS = ("patch_embed", "layernorm_modulate", "gate_residual", "gate_residual_layernorm_modulate")
-FRAMES, CHANNELS, PATCH, FEATURES = 16, 4, 2, 1152  # Latte-XL/2 on 4-channel VAE latents
+OPS = ("patch_embed", "layernorm_modulate", "gate_residual", "temporal_attention")
+FRAMES, CHANNELS, PATCH, FEATURES, HEAD_DIM = 16, 4, 2, 1152, 72  # Latte-XL/2 on 4-channel VAE latents
 GPU_SIZES = [(2, 256), (8, 256), (2, 1024), (8, 1024)]  # (batch, tokens per frame)
 SMOKE = dict(frames=2, features=64, sizes=[(1, 16)])
 
@@ -100,45 +103,22 @@ def setup_gate_residual(batch, tokens, frames, features, dtype, device) -> Case:
                 bytes_fwd=3 * act, bytes_bwd=3 * act, impls={"torch": reference.gate_residual})
 
 
-def setup_gate_residual_layernorm_modulate(batch, tokens, frames, features, dtype, device) -> Case:
-    residual, y = _activations(batch, tokens, frames, features, dtype, device, 2)
-    gate, shift, scale = _vectors(batch, features, dtype, device, 3)
-    act = _nbytes(y)  # fwd: 2 reads, 2 writes; bwd reads dout, dnormed, out, y and writes dresidual, dy
-    return Case("gate_residual_layernorm_modulate", f"[{y.shape[0]},{tokens},{features}] M={batch}",
-                (residual, gate, y, shift, scale), bytes_fwd=4 * act, bytes_bwd=6 * act,
-                impls={"torch": reference.gate_residual_layernorm_modulate})
+def setup_temporal_attention(batch, tokens, frames, features, dtype, device) -> Case:
+    """bench/attention.py's temporal case (its inputs and ideal byte count) with Latte's head dim 72."""
+    heads = max(1, features // HEAD_DIM)
+    spec = attention.Case("temporal_attention", batch * tokens, frames, frames, heads, HEAD_DIM, kind="temporal",
+                          frames=frames, tokens=tokens)
+    qkv, _ = attention.make_inputs(spec, device, dtype)
+    fwd_bytes = spec.bytes("fwd", qkv.element_size())
+    return Case("temporal_attention", f"qkv[{','.join(map(str, qkv.shape))}]", (qkv, frames), bytes_fwd=fwd_bytes,
+                bytes_bwd=spec.bytes("fwd+bwd", qkv.element_size()) - fwd_bytes,
+                impls={"torch": reference.temporal_attention})
 
 
 SETUPS = {op: globals()[f"setup_{op}"] for op in OPS}
 
 
 # ---------------------------------------------------------------------------------------------- timing
-
-
-def wall_clock_ms(fn, reps=2) -> float:
-    """Median wall-clock milliseconds (CPU smoke runs; one untimed warm-up call)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def timer(on_gpu: bool) -> Callable[[Callable], float]:
-    if not on_gpu:
-        return wall_clock_ms
-    import triton.testing  # noqa: PLC0415 - GPU only
-
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth_gbps(time_ms, device, numel) -> float:
-    """The device's achievable bandwidth: a large tensor copy (read + write), timed like the kernels."""
-    src = torch.empty(numel, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / time_ms(lambda: dst.copy_(src)) / 1e6
 
 
 def forward_and_backward(fn, inputs):
@@ -158,7 +138,7 @@ def forward_and_backward(fn, inputs):
     return fwd, fwd_bwd
 
 
-def bench_case(case: Case, triton_op, time_ms, copy_gbps, use_compile) -> list[dict]:
+def bench_case(case: Case, triton_op, timer, copy_gbps, use_compile) -> list[dict]:
     impls = {"triton": triton_op, **case.impls}
     if use_compile:
         impls["torch.compile"] = torch.compile(case.impls["torch"])
@@ -167,7 +147,7 @@ def bench_case(case: Case, triton_op, time_ms, copy_gbps, use_compile) -> list[d
         eager_ms = None
         for name, fn in impls.items():
             fwd, fwd_bwd = forward_and_backward(fn, case.inputs)
-            ms = time_ms(fwd if mode == "fwd" else fwd_bwd)
+            ms = timer(fwd if mode == "fwd" else fwd_bwd)
             eager_ms = ms if name == "torch" else eager_ms
             gbps = nbytes / ms / 1e6
             rows.append({"op": case.op, "shape": case.shape, "mode": mode, "impl": name, "ms": ms, "GB/s": gbps,
@@ -195,7 +175,7 @@ def parse_args(argv):
 
 def main(argv=None) -> Path | None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from ristretto.kernels.triton_set import TRITON_KERNELS  # noqa: PLC0415 - after TRITON_INTERPRET is settled
+    from ristretto.kernels import custom_ops  # noqa: PLC0415 - after TRITON_INTERPRET is settled
 
     on_gpu = torch.cuda.is_available()
     smoke = args.smoke or not on_gpu
@@ -203,16 +183,16 @@ def main(argv=None) -> Path | None:
     frames, features, sizes = (SMOKE["frames"], SMOKE["features"], SMOKE["sizes"]) if smoke else (
         FRAMES, FEATURES, GPU_SIZES)
     dtype = torch.bfloat16
-    time_ms = timer(on_gpu)
+    timer = functools.partial(time_ms, device=device)
     torch.manual_seed(0)
-    copy_gbps = copy_bandwidth_gbps(time_ms, device, numel=(1 << 20) if smoke else (1 << 28))
+    copy_gbps = copy_bandwidth_gbps(device, numel=(1 << 20) if smoke else (1 << 28))
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s on {device_name()}" + (" (smoke run: tiny shapes)" if smoke else ""))
 
     rows = []
     cases = [(op, batch, tokens) for op in args.ops.split(",") for batch, tokens in sizes]
     for op, batch, tokens in progress_bar(cases, desc="kernels", unit="case"):
         case = SETUPS[op](batch, tokens, frames, features, dtype, device)
-        rows += bench_case(case, getattr(TRITON_KERNELS, op), time_ms, copy_gbps, use_compile=on_gpu)
+        rows += bench_case(case, getattr(custom_ops, op), timer, copy_gbps, use_compile=on_gpu)
         del case
     print(format_table(rows))
 

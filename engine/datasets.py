@@ -24,7 +24,7 @@ def build_dataset(config: RunConfig, split: str = "train", augment: bool = True)
 
         return SyntheticClips(data.frames, data.resolution, size=data.synthetic_size, seed=config.train.seed,
                               num_images=data.num_images, entering=data.synthetic_entering,
-                              size_scale=data.synthetic_size_scale)
+                              size_scale=data.synthetic_size_scale, entering_epochs=data.synthetic_entering_epochs)
     if data.kind == "cached":
         from .cache import CachedLatents  # noqa: PLC0415
 

@@ -5,11 +5,13 @@
 The prediction counts, without building the model:
   persistent   fp32 master weights, fp32 gradients, AdamW m+v (fp32), the EMA copy, frozen encoders (SD VAE encoder in
                fp32, T5-XXL in bf16 on GPU) when the data is encoded live (0 for data.kind=cached).
-  activations  every tensor autograd saves for backward in OUR blocks (model/blocks.py with the lean ops of
-               kernels/lean.py or the Triton kernels, model/mlp.py), per part: LN-modulate (its input, the residual;
-               Triton also mean/rstd), qkv (input), attention, proj, cross-attention, MLP (fc1 input and the GELU
-               input only: GELU is recomputed in backward), gate-residual (gate, branch output), plus patch
-               embedding, conditioning, final layer and loss. The residual stream is train.residual_dtype under
+  activations  every tensor autograd saves for backward in OUR blocks (model/blocks.py; the attention branch of
+               model/attention.py and the MLP branch of model/mlp.py, each with its LN-modulate and gated residual
+               fused into its linears: kernels/lean_linear.py, kernels/gelu_mlp.py), per part: the attention
+               branch's input (the residual: LN-modulate is recomputed in backward), attention (q, k, v, out, lse;
+               proj keeps a view of out, the gate's gradient needs no projection output), cross-attention (query
+               input, query, out, lse), MLP (the residual and the GELU input only), plus patch embedding,
+               conditioning, final layer and loss. The residual stream is train.residual_dtype under
                bf16/fp8 (fp32 otherwise); LN-modulate emits the activation dtype; under bf16 autocast linears save
                bf16 copies of their weights (autocast's cast is kept alive by backward), the MLP keeps the fp32 ones.
                Checkpointed modules keep only their inputs; checkpointing=auto picks per block (`auto_choices`).
@@ -168,20 +170,23 @@ def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilit
     if spec.checkpointed == "block":  # torch.utils.checkpoint keeps the block's input (the conditions are shared)
         return {"block input": r * tokens * d}
     vector = vector_bytes(g, saved)
-    # The attention's LN-modulate keeps its input (the residual; Triton also mean/rstd) and its gate-residual the
-    # branch output (torch: also the gate expanded to [N, 1, D]); the MLP branch's LN-modulate and gate-residual are
-    # inside the MLP op (kernels/gelu_mlp.py). All read the block's adaLN vectors, one [B, 6, D] storage.
     stats = STATS_BYTES * tokens if triton_kernels else 0
-    rows = spec.rows if spec.spatial else g.batch * g.frames  # temporal blocks run on the video rows [B*F, S, D]
-    parts = {
-        "ln_modulate": r * tokens * d + stats + vector * g.batch * 6 * d,
-        "gate_residual": o * tokens * d + (0 if triton_kernels else vector * rows * d),
-    }
-    if spec.checkpointed == "attention":
-        parts["attention"] = o * tokens * d  # the checkpoint keeps its input (the LN-modulate output)
-    else:
-        parts["attention"] = i * tokens * d + attention_saved(spec.rows, spec.length, spec.length, g, o, probabilities,
-                                                              self_attention=True, masked=False)
+    attention_checkpointed = spec.checkpointed == "attention"
+    attention = 0 if attention_checkpointed else attention_saved(spec.rows, spec.length, spec.length, g, o,
+                                                                 probabilities, self_attention=True, masked=False)
+    # The attention branch (model/attention.py) keeps its input x, the residual, and reads the block's adaLN vectors
+    # (one [B, 6, D] storage, shared with the MLP op); a checkpointed branch keeps the same as its checkpoint's input.
+    parts = {"attention input": r * tokens * d + vector * g.batch * 6 * d}
+    if not saved.fp8 or attention_checkpointed:
+        # kernels/lean_linear.py: LN-modulate + qkv keeps x only; proj + gated residual keeps the attention output
+        # (a view of what the attention keeps) and the gate; both keep the fp32 weights, not bf16 copies
+        parts["attention"] = attention
+    else:  # FP8-converted linears run as modules: the LN-modulate's stats (Triton), qkv's input, proj's output and
+        # the gate (torch's gated residual: expanded to [N, 1, D]), and the weights' copies
+        rows = spec.rows if spec.spatial else g.batch * g.frames  # temporal blocks run on the video rows [B*F, S, D]
+        parts["attention input"] += stats
+        parts["gate_residual"] = o * tokens * d + (0 if triton_kernels else vector * rows * d)
+        parts["attention"] = i * tokens * d + attention
         parts["weight copies"] = w * 4 * d * d
     if spec.cross:
         if spec.checkpointed == "attention":
@@ -190,7 +195,7 @@ def block_parts(g: TokenGeometry, spec: BlockSpec, saved: SavedBytes, probabilit
             parts["cross_attention"] = i * tokens * d + attention_saved(
                 spec.rows, spec.length, g.caption_length, g, o, probabilities, self_attention=False, masked=True,
                 key_rows=g.context_rows)
-            parts["weight copies"] += w * 4 * d * d
+            parts["weight copies"] = parts.get("weight copies", 0) + w * 4 * d * d
     if spec.checkpointed == "mlp":
         parts["mlp"] = r * tokens * d  # the checkpoint keeps its input, the residual
     elif saved.fp8:  # converted linears run as modules: LN input and stats, fc1 input, GELU in and out, fc2 out

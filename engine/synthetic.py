@@ -176,9 +176,13 @@ class SyntheticClips(Dataset):
 
     def __init__(self, frames: int, resolution: int, size: int = 4096, seed: int = 0,
                  captions: list[str] | None = None, num_images: int = 0, entering: bool = False,
-                 size_scale: float = 1.0):
+                 size_scale: float = 1.0, entering_epochs: int = 0):
         self.frames, self.resolution, self.size, self.seed, self.num_images = frames, resolution, size, seed, num_images
         self.entering, self.size_scale = entering, size_scale  # see render_clip
+        # A curriculum: objects enter from the edge in the first `entering_epochs` passes, then start anywhere. The
+        # sampler then tags each index with its pass (index + epoch * size), so a resumed run sees the same clips.
+        self.entering_epochs = entering_epochs
+        self.epoch_tagged_indices = entering_epochs > 0
         self.captions = list(captions) if captions is not None else split_captions()[0]
         if not self.captions:
             raise ValueError("SyntheticClips: no captions to draw from (captions=[])")
@@ -189,12 +193,14 @@ class SyntheticClips(Dataset):
         return self.size
 
     def __getitem__(self, index: int) -> dict:
+        epoch, index = divmod(index, self.size) if self.epoch_tagged_indices and index >= 0 else (0, index)
         if not 0 <= index < self.size:
             raise IndexError(f"SyntheticClips index {index} out of range [0, {self.size})")
         # torch's CPU generator keeps only a seed's low 32 bits: pack (seed, index) into them, unique below 1e6 items.
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**32)
         caption = self._draw_caption(generator)
-        video = render_clip(caption, self.frames, self.resolution, generator, self.entering, self.size_scale)
+        entering = self.entering or epoch < self.entering_epochs
+        video = render_clip(caption, self.frames, self.resolution, generator, entering, self.size_scale)
         image_captions = [self._draw_caption(generator) for _ in range(self.num_images)]
         stills = [render_clip(c, 1, self.resolution, generator, size_scale=self.size_scale) for c in image_captions]
         return {"video": torch.cat([video, *stills]), "caption": caption,

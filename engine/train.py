@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .build import build_plain_model, build_training_model, latent_geometry
 from .checkpoint import (FP8_STATE, CheckpointError, checkpoint_dir, prune_checkpoints, restore_fp8_state, rng_state,
                          set_rng_state)
-from .config import RESUMES_KEY, config_to_dict
+from .config import RESUMES_KEY, ConfigError, config_to_dict
 from .datasets import build_dataset, loader_for
 from .diffusion import Diffusion
 from .metrics import MetricsLog, truncate_metrics
@@ -471,6 +471,9 @@ def resume_from(path: Path, run_dir: Path, model, ema, optimizer, scheduler, loa
     except Exception as error:  # noqa: BLE001 - a checksummed file that still does not load: tampered or foreign
         raise CheckpointError(f"checkpoint {path}: cannot be loaded into this run ({type(error).__name__}: "
                               f"{' '.join(str(error).split())[:300]})") from error
+    if train_cfg is not None and train_cfg.max_steps < state.step:  # before anything in the run folder changes
+        raise ConfigError(f"--resume: train.max_steps={train_cfg.max_steps} is below the checkpoint's step "
+                          f"{state.step} ({path}); set train.max_steps above it to train on, or start a new run")
     if is_main(info):
         dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
         log.info("resumed from %s at step %d (%d metrics lines after it dropped)", path, state.step, dropped)

@@ -1,13 +1,17 @@
-"""The Triton row ops as registered custom ops (torch.library), so torch.compile treats each as one opaque call.
+"""The public entry points of the Triton kernels: each a registered custom op (torch.library), so torch.compile treats
+it as one opaque call.
 
 An autograd.Function around a Triton launcher makes dynamo trace into the launcher (device-property queries, Python
 objects on ctx) and break the graph at every fused op. Registered here instead, with a fake (meta) implementation
 that gives output shapes and dtypes and `register_autograd` for the backward, each op is a single node in the
 compiled block's graph: inductor fuses the torch code around it and calls the kernel as is.
 
-This file wraps the launchers of `kernels/layernorm_modulate.py` and `kernels/gate_residual.py` (row_forward /
-row_backward) and of `kernels/patch_embed.py`, and saves what their autograd.Functions save; the Triton KernelSet (kernels/triton_set.py) binds these
-entry points. Every op is checked by torch.library.opcheck in tests/kernels/test_custom_ops.py.
+Each op wraps the raw launchers of its kernel file: `row_forward` / `row_backward` of kernels/layernorm_modulate.py
+(LN-modulate, and the gated residual through the row kernels' GATED_RESIDUAL flag), the three launchers of
+kernels/patch_embed.py and the two of kernels/temporal_attention.py. The functional wrappers below (layernorm_modulate,
+gate_residual, patch_embed, temporal_attention) check shapes, naming the bad argument, and are what the Triton
+KernelSet (kernels/triton_set.py), the tests and the benches call. Every op is checked by torch.library.opcheck in
+tests/kernels/test_custom_ops.py.
 """
 import torch
 from torch import Tensor
@@ -16,6 +20,7 @@ from .lean import activation_dtype
 from .layernorm_modulate import check_activation, check_group_vector, row_backward, row_forward
 from .patch_embed import (_check_pos_embed, _Geometry, patch_embed_backward_input, patch_embed_backward_weight,
                           patch_embed_forward)
+from .temporal_attention import check_qkv, temporal_backward, temporal_forward
 
 LIBRARY = "ristretto"
 
@@ -74,7 +79,8 @@ layernorm_modulate_fwd.register_autograd(_layernorm_modulate_backward, setup_con
 
 
 def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
-    """LN(x) without affine, then LN(x) * (1 + scale) + shift.   x [N, S, D], shift/scale [M, D] -> [N, S, D]."""
+    """LN(x) without affine, then LN(x) * (1 + scale) + shift.   x [N, S, D], shift/scale [M, D] -> [N, S, D]
+    in the activation dtype (autocast's under autocast: the next linear's input, not cast and kept again)."""
     x = check_activation("x", x)
     shift = check_group_vector("shift", shift, x.shape[0], x.shape[2])
     scale = check_group_vector("scale", scale, x.shape[0], x.shape[2])
@@ -83,21 +89,16 @@ def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
 
 # ----------------------------------------------------------------------------------------- gated residual
 
-def _residual_dtype(residual: Tensor, gate: Tensor, y: Tensor) -> torch.dtype:
-    return residual.dtype  # the residual stream keeps its dtype (train.residual_dtype)
-
-
 @torch.library.custom_op(f"{LIBRARY}::gate_residual_fwd", mutates_args=())
 def gate_residual_fwd(residual: Tensor, gate: Tensor, y: Tensor) -> Tensor:
-    """residual + gate * y."""
-    out, _, _, _ = row_forward(residual, gate=gate, y=y, normalize=False,
-                               out_dtype=_residual_dtype(residual, gate, y))
+    """residual + gate * y in the residual's dtype (the residual stream keeps its dtype: train.residual_dtype)."""
+    out, _, _, _ = row_forward(residual, gate=gate, y=y, normalize=False, out_dtype=residual.dtype)
     return out
 
 
 @gate_residual_fwd.register_fake
 def _(residual, gate, y):
-    return torch.empty_like(residual, dtype=_residual_dtype(residual, gate, y))
+    return torch.empty_like(residual)
 
 
 @torch.library.custom_op(f"{LIBRARY}::gate_residual_bwd", mutates_args=())
@@ -128,78 +129,11 @@ def _gate_residual_backward(ctx, dout):
 gate_residual_fwd.register_autograd(_gate_residual_backward, setup_context=_gate_residual_setup)
 
 
-def _check_residual_inputs(residual, gate, y):
-    residual = check_activation("residual", residual)
-    y = check_activation("y", y, residual.shape)
-    gate = check_group_vector("gate", gate, residual.shape[0], residual.shape[2])
-    return residual, gate, y
-
-
 def gate_residual(residual, gate, y):
     """residual + gate * y.   residual, y [N, S, D], gate [M, D] -> [N, S, D]."""
-    return gate_residual_fwd(*_check_residual_inputs(residual, gate, y))
-
-
-# ------------------------------------------------------------------ gated residual + LN + adaLN modulation
-
-@torch.library.custom_op(f"{LIBRARY}::gate_residual_layernorm_modulate_fwd", mutates_args=())
-def gate_residual_layernorm_modulate_fwd(residual: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor,
-                                         eps: float, normed_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out = residual + gate * y, LN(out) * (1 + scale) + shift in normed_dtype, row means, row rstds)."""
-    return row_forward(residual, shift, scale, eps, gate=gate, y=y, out_dtype=_residual_dtype(residual, gate, y),
-                       normed_dtype=normed_dtype)
-
-
-@gate_residual_layernorm_modulate_fwd.register_fake
-def _(residual, gate, y, shift, scale, eps, normed_dtype):
-    out = torch.empty_like(residual, dtype=_residual_dtype(residual, gate, y))
-    return out, torch.empty_like(out, dtype=normed_dtype), _row_stats(residual), _row_stats(residual)
-
-
-@torch.library.custom_op(f"{LIBRARY}::gate_residual_layernorm_modulate_bwd", mutates_args=())
-def gate_residual_layernorm_modulate_bwd(dnormed: Tensor, dout: Tensor, out: Tensor, mean: Tensor, rstd: Tensor,
-                                         scale: Tensor, gate: Tensor, y: Tensor, shift_groups: int,
-                                         residual_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dresidual, dshift fp32, dscale fp32, dy, dgate fp32)."""
-    return row_backward(dnormed, out, mean, rstd, scale, shift_groups, dresidual_out=dout, gate=gate, y=y,
-                        dx_dtype=residual_dtype, dy_dtype=y.dtype)
-
-
-@gate_residual_layernorm_modulate_bwd.register_fake
-def _(dnormed, dout, out, mean, rstd, scale, gate, y, shift_groups, residual_dtype):
-    features = out.shape[2]
-    return (torch.empty_like(out, dtype=residual_dtype), _vector_grad(shift_groups, features, out),
-            _vector_grad(scale.shape[0], features, out), torch.empty_like(y), _vector_grad(gate.shape[0], features, out))
-
-
-def _fused_setup(ctx, inputs, output):
-    residual, gate, y, shift, scale, _, _ = inputs
-    out, _, mean, rstd = output
-    ctx.save_for_backward(out, mean, rstd, scale, gate, y)
-    ctx.shift_groups, ctx.dtypes = shift.shape[0], (residual.dtype, shift.dtype)
-
-
-def _fused_backward(ctx, dout, dnormed, _dmean, _drstd):
-    out, mean, rstd, scale, gate, y = ctx.saved_tensors
-    residual_dtype, shift_dtype = ctx.dtypes
-    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-    dnormed = torch.zeros_like(out) if dnormed is None else dnormed.contiguous()
-    dresidual, dshift, dscale, dy, dgate = gate_residual_layernorm_modulate_bwd(
-        dnormed, dout, out, mean, rstd, scale, gate, y, ctx.shift_groups, residual_dtype)
-    return dresidual, dgate.to(gate.dtype), dy, dshift.to(shift_dtype), dscale.to(scale.dtype), None, None
-
-
-gate_residual_layernorm_modulate_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
-
-
-def gate_residual_layernorm_modulate(residual, gate, y, shift, scale, eps: float = 1e-6):
-    """(out, LN(out) * (1 + scale) + shift) with out = residual + gate * y, in one pass over the rows."""
-    residual, gate, y = _check_residual_inputs(residual, gate, y)
-    shift = check_group_vector("shift", shift, residual.shape[0], residual.shape[2])
-    scale = check_group_vector("scale", scale, residual.shape[0], residual.shape[2])
-    out, normed, _, _ = gate_residual_layernorm_modulate_fwd(residual, gate, y, shift, scale, eps,
-                                                             activation_dtype(residual))
-    return out, normed
+    residual = check_activation("residual", residual)
+    y = check_activation("y", y, residual.shape)
+    return gate_residual_fwd(residual, check_group_vector("gate", gate, residual.shape[0], residual.shape[2]), y)
 
 
 # ------------------------------------------------------------------------------------------------ patch embed
@@ -283,8 +217,6 @@ def patch_embed(x, weight, bias, pos_embed, patch: int):
 @torch.library.custom_op(f"{LIBRARY}::temporal_attention_fwd", mutates_args=())
 def temporal_attention_fwd(qkv: Tensor, frames: int) -> tuple[Tensor, Tensor]:
     """(out [B*F, S, heads, dim], fp32 logsumexp [B*F, S, heads]) of attention over each position's F frames."""
-    from .temporal_attention import temporal_forward  # noqa: PLC0415 - the kernel module needs a Triton build
-
     return temporal_forward(qkv, frames)
 
 
@@ -297,8 +229,6 @@ def _(qkv, frames):
 @torch.library.custom_op(f"{LIBRARY}::temporal_attention_bwd", mutates_args=())
 def temporal_attention_bwd(qkv: Tensor, out: Tensor, dout: Tensor, lse: Tensor, frames: int) -> Tensor:
     """dqkv [B*F, S, 3, heads, dim]."""
-    from .temporal_attention import temporal_backward  # noqa: PLC0415
-
     return temporal_backward(qkv, out, dout, lse, frames)
 
 
@@ -324,6 +254,4 @@ temporal_attention_fwd.register_autograd(_temporal_backward, setup_context=_temp
 
 def temporal_attention(qkv: Tensor, frames: int) -> Tensor:
     """Attention over the F frames of each spatial position.   qkv [B*F, S, 3, heads, dim] -> [B*F, S, heads, dim]."""
-    from .temporal_attention import check_qkv  # noqa: PLC0415
-
     return temporal_attention_fwd(check_qkv(qkv, frames), frames)[0]

@@ -4,23 +4,17 @@ Triton kernel of its own).
 
 Autograd on the plain composition keeps the normalised input (fc1's input), the GELU input, the GELU output (fc2's
 input) and fc2's output (for the gate's gradient). This Function recomputes the LN-modulate and the GELU in backward
-(elementwise, no matmul) and gets the gate's gradient without fc2's output: per group g of rows sharing a gate,
-    dgate_g[j] = sum_k W2[j, k] * G_g[j, k] + b2[j] * sum_t dout_g[t, j],   G_g = dout_g^T @ GELU(h)_g,
-and fc2's weight gradient is sum_g gate_g[j] * G_g[j, k]: the same matmul FLOPs as fc2's weight gradient alone.
+(elementwise, no matmul) and gets the gate's gradient without fc2's output, from per-group pieces of fc2's weight
+gradient (the backward pieces of kernels/lean_linear.py, which the attention branch uses too).
 Under autocast it computes in the autocast dtype, as autocast's linears do, but keeps the fp32 parameters rather
 than their bf16 casts (autocast keeps 2 bytes per weight of every linear alive until backward).
 """
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lean import activation_dtype, layernorm_modulate_backward
-
-
-def _tokens(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+from .lean import activation_dtype
+from .lean_linear import gated_linear_backward, modulated_linear_backward, tokens
 
 
 class GatedMlpFunction(torch.autograd.Function):
@@ -39,26 +33,12 @@ class GatedMlpFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, shift, scale, gate, hidden, w1, w2, b2 = ctx.saved_tensors
-        dtype, groups = hidden.dtype, gate.shape[0]
-        dout_groups = dout.reshape(groups, -1, dout.shape[-1])  # rows sharing a gate are contiguous
-        act = _tokens(F.gelu(hidden, approximate="tanh")).view(groups, -1, hidden.shape[-1])  # recomputed
-        dgate = torch.empty(gate.shape, dtype=torch.float32, device=gate.device)
-        dw2 = torch.zeros(w2.shape, dtype=torch.float32, device=w2.device)
-        dout_sums = dout_groups.float().sum(1)  # [M, D]
-        for g in range(groups):  # M is the batch (adaLN vectors per sample): a short loop of full-size matmuls
-            product = (dout_groups[g].to(dtype).t() @ act[g]).float()  # G_g [D, 4D]
-            dgate[g] = (w2.float() * product).sum(1) + b2.float() * dout_sums[g]
-            dw2 += gate[g].float()[:, None] * product
+        act = tokens(F.gelu(hidden, approximate="tanh"))  # recomputed
+        dact, dgate, dw2, db2 = gated_linear_backward(dout, act, gate, w2, b2, hidden.dtype)
         del act
-        db2 = (gate.float() * dout_sums).sum(0)
-        dy = _tokens((dout_groups * gate[:, None, :]).to(dtype))  # the gradient reaching fc2's output
-        dhidden = torch.ops.aten.gelu_backward(dy @ w2.to(dtype), _tokens(hidden), approximate="tanh")
-        with torch.autocast(x.device.type, dtype=dtype) if ctx.autocast else nullcontext():
-            normed = ctx.ops.layernorm_modulate(x, shift, scale, ctx.eps)  # the forward's values, recomputed
-        dw1, db1 = dhidden.t() @ _tokens(normed.to(dtype)), dhidden.sum(0)
-        dnormed = (dhidden @ w1.to(dtype)).view(normed.shape)
-        del normed
-        dx, dshift, dscale = layernorm_modulate_backward(dnormed, x, shift, scale, ctx.eps)
+        dhidden = torch.ops.aten.gelu_backward(dact, tokens(hidden), approximate="tanh")
+        dx, dshift, dscale, dw1, db1 = modulated_linear_backward(dhidden, x, shift, scale, w1, ctx.ops, ctx.eps,
+                                                                 ctx.autocast)
         dx = dx + dout  # the residual path
         return (dx.to(x.dtype), dshift, dscale, dgate.to(gate.dtype), dw1.to(w1.dtype), db1.to(w1.dtype),
                 dw2.to(w2.dtype), db2.to(w2.dtype), None, None, None)

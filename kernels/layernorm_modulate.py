@@ -4,12 +4,15 @@ x [N, S, D] (fp32 / bf16 / fp16, statistics in fp32); shift/scale [M, D] with th
 `kernels/reference.py`: activation row n uses vector n // (N // M). Flattened to 2-D, row r = n * S + s belongs to
 group r // rows_per_group with rows_per_group = S * N // M, which is what the kernels index with.
 
-The same two row kernels also serve `kernels/gate_residual.py` through `tl.constexpr` flags (one kernel, variants by
-flag, as in flash-attention's layer_norm.py):
+The same two row kernels also serve the gated residual update residual + gate * y through `tl.constexpr` flags (one
+kernel, variants by flag, as in flash-attention's layer_norm.py; gate_residual has no kernel of its own):
     GATED_RESIDUAL  the row input is residual + gate * y (stored as the residual output) instead of x;
     NORMALIZE       apply LN + modulation (off: plain gated residual).
 Backward reduces dshift / dscale / dgate over the rows of a group in two stages without atomics: each program sums
 a strided set of row tiles of one group into registers and writes one partial row; torch sums the partials.
+
+This file holds the kernels and their launchers (`row_forward`, `row_backward`); the public ops, with their autograd,
+are the custom ops `layernorm_modulate` and `gate_residual` of kernels/custom_ops.py.
 """
 import math
 
@@ -18,7 +21,6 @@ import triton
 import triton.language as tl
 
 from .launch import launch, target_of
-from .lean import activation_dtype
 
 MAX_FEATURES = 16384  # one row must fit one program's registers
 
@@ -263,32 +265,3 @@ def row_backward(dout=None, x=None, mean=None, rstd=None, scale=None, shift_grou
     dscale = _sum_partials(partial_dscale, scale.shape[0]) if normalize else None
     dgate = _sum_partials(partial_dgate, gate.shape[0]) if gated else None
     return finish_output(dx, dx_dtype), dshift, dscale, finish_output(dy, dy_dtype), dgate
-
-
-# ---------------------------------------------------------------------------------------------- autograd
-
-
-class LayerNormModulateFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, shift, scale, eps, out_dtype):
-        x = check_activation("x", x)
-        shift = check_group_vector("shift", shift, x.shape[0], x.shape[2])
-        scale = check_group_vector("scale", scale, x.shape[0], x.shape[2])
-        _, normed, mean, rstd = row_forward(x, shift, scale, eps, normed_dtype=out_dtype)
-        ctx.save_for_backward(x, mean, rstd, scale)
-        ctx.shift_groups = shift.shape[0]
-        ctx.vector_dtypes = (shift.dtype, scale.dtype)
-        return normed
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, mean, rstd, scale = ctx.saved_tensors
-        dx, dshift, dscale, _, _ = row_backward(dout.contiguous(), x, mean, rstd, scale, ctx.shift_groups)
-        shift_dtype, scale_dtype = ctx.vector_dtypes
-        return dx, dshift.to(shift_dtype), dscale.to(scale_dtype), None, None
-
-
-def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
-    """LN(x) without affine, then LN(x) * (1 + scale) + shift.   x [N, S, D], shift/scale [M, D] -> [N, S, D]
-    in the activation dtype (autocast's under autocast: the next linear's input, not cast and kept again)."""
-    return LayerNormModulateFunction.apply(x, shift, scale, eps, activation_dtype(x))

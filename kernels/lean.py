@@ -61,9 +61,3 @@ def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
 def gate_residual(residual, gate, y):
     """residual + gate * y in the residual's dtype. Autograd keeps y and the [N, 1, D] expanded gate: already lean."""
     return reference.gate_residual(residual, gate, y).to(residual.dtype)
-
-
-def gate_residual_layernorm_modulate(residual, gate, y, shift, scale, eps: float = 1e-6):
-    """(out, LN-modulate of out), out = residual + gate * y: keeps y, the gate and out (the next LN's input)."""
-    out = gate_residual(residual, gate, y)
-    return out, layernorm_modulate(out, shift, scale, eps)

@@ -10,6 +10,7 @@ Backward (patches never overlap, so every pixel belongs to exactly one (row, k))
     dweight  = dout^T @ patches, split over row chunks (two-stage: fp32 partials, then a torch sum), with dbias
                = the column sums of dout computed in the same pass.
 tl.dot needs every block dim >= 16: K (3 for C=3, p=1) is padded to a 16-multiple block by masked loads.
+This file holds the kernels and their launchers; the public op, with its autograd, is custom_ops.patch_embed.
 """
 import torch
 import triton
@@ -237,46 +238,3 @@ def _check_pos_embed(pos_embed, geometry):
     if pos_embed.shape[-2:] != expected or pos_embed.numel() != expected[0] * expected[1]:
         raise ValueError(f"pos_embed: expected shape {list(expected)}, got {tuple(pos_embed.shape)}")
     return pos_embed.reshape(expected).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------- autograd
-
-
-class PatchEmbedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, pos_embed, patch):
-        geometry = _Geometry(x, weight, patch)
-        if bias.shape != (geometry.features,):
-            raise ValueError(f"bias: expected shape [{geometry.features}], got {tuple(bias.shape)}")
-        pos = _check_pos_embed(pos_embed, geometry) if pos_embed is not None else None
-        weight_2d = weight.reshape(geometry.features, geometry.k).contiguous()
-        out = patch_embed_forward(x, weight_2d, bias.contiguous(), pos, geometry)  # x read through its strides
-        ctx.save_for_backward(x, weight_2d)
-        ctx.geometry = geometry
-        ctx.param_dtypes = (weight.dtype, bias.dtype)
-        ctx.pos_like = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight_2d = ctx.saved_tensors
-        geometry = ctx.geometry
-        dout = dout.contiguous().to(x.dtype)
-        dx = dweight = dbias = dpos = None
-        if ctx.needs_input_grad[0]:
-            dx = patch_embed_backward_input(dout, weight_2d, x.shape, geometry)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dweight, dbias = patch_embed_backward_weight(dout, x, geometry)
-            weight_dtype, bias_dtype = ctx.param_dtypes
-            dweight = dweight.reshape(geometry.features, -1, geometry.patch, geometry.patch).to(weight_dtype)
-            dbias = dbias.to(bias_dtype)
-        if ctx.needs_input_grad[3]:
-            # the position table is normally a fixed buffer; a trainable one gets the plain torch sum over frames
-            pos_shape, pos_dtype = ctx.pos_like
-            dpos = dout.float().sum(0).reshape(pos_shape).to(pos_dtype)
-        return dx, dweight, dbias, dpos, None
-
-
-def patch_embed(x, weight, bias, pos_embed, patch: int):
-    """Conv2d(kernel=stride=patch) + bias + position table.   x [N, C, H, W] -> tokens [N, (H/p)*(W/p), D]."""
-    return PatchEmbedFunction.apply(x, weight, bias, pos_embed, patch)

@@ -34,12 +34,6 @@ def gate_residual(residual, gate, y, upcast: bool = False):
     return residual + expand_groups(gate, residual.shape[0]) * y
 
 
-def gate_residual_layernorm_modulate(residual, gate, y, shift, scale, eps: float = 1e-6, upcast: bool = False):
-    """The residual update and the next LN + modulation in one op: returns (residual + gate*y, modulated LN of it)."""
-    out = gate_residual(residual, gate, y, upcast=upcast)
-    return out, layernorm_modulate(out, shift, scale, eps=eps, upcast=upcast)
-
-
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     """[N, C, H, W] -> [N, (H/p)*(W/p), C*p*p], each token's features in (C, p, p) order like a Conv2d weight."""
     n, c, h, w = x.shape

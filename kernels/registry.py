@@ -15,7 +15,6 @@ class KernelSet:
     patch_embed: Callable
     layernorm_modulate: Callable
     gate_residual: Callable
-    gate_residual_layernorm_modulate: Callable
 
 
 TORCH_KERNELS = KernelSet(
@@ -23,7 +22,6 @@ TORCH_KERNELS = KernelSet(
     patch_embed=reference.patch_embed,
     layernorm_modulate=lean.layernorm_modulate,  # the reference's values, saving what the Triton kernels save
     gate_residual=lean.gate_residual,
-    gate_residual_layernorm_modulate=lean.gate_residual_layernorm_modulate,
 )
 
 KERNEL_SET_NAMES = ("torch", "triton")

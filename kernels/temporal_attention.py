@@ -19,6 +19,7 @@ The kernel is memory-bound at F=16 (about 8 FLOP per byte), so the padded MMA la
 F > 64 is refused (the F x F tile per pair would spill).
 
 Image frames of joint image+video batches take no part (the model passes only the video frames' rows).
+This file holds the kernels and their launchers; the public op, with its autograd, is custom_ops.temporal_attention.
 """
 import math
 
@@ -218,26 +219,3 @@ def temporal_backward(qkv, out, dout, lse, frames: int) -> torch.Tensor:
     launch(_temporal_bwd_kernel, _grid(qkv, frames, config))(
         qkv, out, dout, lse, dqkv, positions, heads, 1.0 / math.sqrt(dim), **config)
     return dqkv
-
-
-# ------------------------------------------------------------------------------------------------- autograd
-
-
-class TemporalAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, frames):
-        qkv = check_qkv(qkv, frames)
-        out, lse = temporal_forward(qkv, frames)
-        ctx.save_for_backward(qkv, out, lse)  # q, k, v once (one storage), out, fp32 logsumexp
-        ctx.frames = frames
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        qkv, out, lse = ctx.saved_tensors
-        return temporal_backward(qkv, out, dout.contiguous(), lse, ctx.frames), None
-
-
-def temporal_attention(qkv: torch.Tensor, frames: int) -> torch.Tensor:
-    """Attention over the F frames of each spatial position.   qkv [B*F, S, 3, heads, dim] -> [B*F, S, heads, dim]."""
-    return TemporalAttentionFunction.apply(qkv, frames)

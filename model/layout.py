@@ -46,6 +46,12 @@ def frames_from_sequences(out: torch.Tensor, tokens: int) -> torch.Tensor:
     return by_position.transpose(1, 2).reshape(-1, tokens, *out.shape[2:])
 
 
+def sequences_from_frames(rows: torch.Tensor, frames: int) -> torch.Tensor:
+    """[B*F, S, ...] -> [B*S, F, ...] (a copy): the inverse of frames_from_sequences."""
+    by_frame = rows.unflatten(0, (-1, frames))  # (B, F, S, ...)
+    return by_frame.transpose(1, 2).reshape(-1, frames, *rows.shape[2:])
+
+
 def unpatchify(tokens: torch.Tensor, batch: int, patch: int, height: int, width: int) -> torch.Tensor:
     """[B*F, (H/p)*(W/p), p*p*C] -> video [B, F, C, H, W] (token features in (p, p, C) order, as DiT/diffusers)."""
     grid_h, grid_w = height // patch, width // patch

@@ -9,7 +9,7 @@ import torch
 
 from ristretto.bench import compile_check
 from ristretto.bench.compile_check import blocks_per_sm, rule_failures
-from ristretto.kernels import patch_embed as patch_embed_module
+from ristretto.kernels import custom_ops, patch_embed as patch_embed_module
 from ristretto.kernels.launch import HOPPER, INTERPRETER, recorded_launches, target_of
 
 
@@ -58,7 +58,7 @@ def test_recorded_launches_are_the_launchers_own_configs_and_run_nothing():
     weight, bias = torch.randn(64, 4, 2, 2), torch.randn(64)
     with recorded_launches(HOPPER) as launches:
         assert target_of(x.device) == HOPPER
-        out = patch_embed_module.patch_embed(x, weight, bias, None, 2)
+        out = custom_ops.patch_embed(x, weight, bias, None, 2)
     assert target_of(x.device) == INTERPRETER
     (launch,) = launches
     geometry = patch_embed_module._Geometry(x, weight, 2)

@@ -104,3 +104,18 @@ def test_auto_choices_per_block_give_the_same_gradients():
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
     with pytest.raises(ValueError, match="auto"):
         apply_activation_checkpointing(model, "auto", choices=["none"])
+
+
+def test_training_model_logs_the_auto_choice(caplog):
+    """train.py builds through build_training_model: with checkpointing=auto it says what each block recomputes."""
+    from ristretto.engine.build import build_training_model  # noqa: PLC0415
+    from ristretto.engine.plan import GIB, predict_memory  # noqa: PLC0415
+
+    overrides = [*TINY, "train.batch_size=2"]
+    ends = [predict_memory(build_config("tiny-t2v", [*overrides, f"train.checkpointing={mode}"]), "cpu")
+            for mode in ("none", "full")]
+    budget = sum(plan.required_bytes for plan in ends) / 2 / GIB
+    config = build_config("tiny-t2v", [*overrides, "train.checkpointing=auto", f"train.memory_budget_gb={budget}"])
+    with caplog.at_level("INFO"):
+        build_training_model(config, torch.device("cpu"))
+    assert "checkpointing auto (budget" in caplog.text and "blocks recompute something" in caplog.text

@@ -51,7 +51,8 @@ def test_scores_of_wrong_captions_are_zero():
 # and 1 reach 96% and 75% held-out colour accuracy (chance: 17%); 120-300 steps or guidance 1.5 stay at chance.
 SHORT_RUN = ["model.hidden_size=64", "model.depth=2", "data.frames=4", "train.max_steps=500", "train.lr=3e-3",
              "train.log_every=1000", "diffusion.sample_steps=10", "diffusion.guidance_scale=4", "sample.num_samples=1",
-             "train.device=cpu", "train.seed=0"]
+             "train.device=cpu", "train.seed=0",
+             "data.synthetic_size_scale=1", "data.synthetic_entering=true"]  # the task these figures were measured on
 
 
 def test_short_run_scores_above_chance_on_colour(tmp_path, capsys):

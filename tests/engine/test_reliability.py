@@ -171,14 +171,15 @@ def test_resume_keeps_earlier_overrides_applies_lr_and_records_history(tmp_path,
     assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [5e-3]
     assert state["scheduler"]["base_lrs"] == [5e-3]
     # Fields that decide which samples a step sees, and another preset, are refused with one line; nothing changes.
-    before = (run_dir / "config.json").read_text()
-    for args, field in ((["--set", "train.batch_size=4"], "train.batch_size"),
+    before = (run_dir / "config.json").read_text(), (run_dir / "metrics.jsonl").read_text()
+    for args, field in ((["--set", "train.max_steps=3"], "train.max_steps"),  # below the checkpoint's step 4
+                        (["--set", "train.batch_size=4"], "train.batch_size"),
                         (["--set", "train.grad_accum=2"], "train.grad_accum"),
                         (["--set", "model.depth=2"], "model.depth"), (["--preset", "tiny-class"], "tiny-class")):
         capsys.readouterr()
         assert cli_main([*args, "--resume", "auto", "--out", str(run_dir)]) == 2
         assert field in one_error(capsys)
-    assert (run_dir / "config.json").read_text() == before
+    assert ((run_dir / "config.json").read_text(), (run_dir / "metrics.jsonl").read_text()) == before
 
 
 # ----------------------------------------------------------------------- one line for every bad input, up front

@@ -206,3 +206,20 @@ def test_size_scale_grows_the_object_and_keeps_it_readable(entering):
         render_clip(captions[0], 4, 16, torch.Generator().manual_seed(0), entering, 2.5)
     dataset = SyntheticClips(4, 16, size=2, captions=captions, entering=entering, size_scale=1.5)
     assert torch.equal(dataset[1]["video"], dataset[1]["video"])
+
+
+def test_entering_curriculum_switches_to_random_starts_after_its_epochs():
+    """data.synthetic_entering_epochs: passes 0..N-1 show entering objects, later passes the same clips starting
+    anywhere; the sampler tags indices with their pass (index + epoch * size)."""
+    curriculum = SyntheticClips(4, 16, size=8, entering_epochs=2, size_scale=1.5)
+    entering = SyntheticClips(4, 16, size=8, entering=True, size_scale=1.5)
+    random_start = SyntheticClips(4, 16, size=8, size_scale=1.5)
+    assert curriculum.epoch_tagged_indices and not random_start.epoch_tagged_indices
+    for index in (0, 3):
+        assert torch.equal(curriculum[index]["video"], entering[index]["video"])
+        assert torch.equal(curriculum[index + 8]["video"], entering[index]["video"])
+        assert torch.equal(curriculum[index + 16]["video"], random_start[index]["video"])
+        assert curriculum[index + 16]["caption"] == random_start[index]["caption"]
+    assert not torch.equal(entering[3]["video"], random_start[3]["video"])
+    with pytest.raises(IndexError):
+        random_start[8]

@@ -22,7 +22,7 @@ def test_triton_model_equals_torch_model(preset, patch, device):
     fused = build_plain_model(config).to(device)
     fused.load_state_dict(reference.state_dict())
     apply_kernels(fused, "triton")
-    assert fused.blocks[0].kernels.name == "triton" and reference.blocks[0].kernels.name == "torch"
+    assert fused.blocks[0].attn.kernels.name == "triton" and reference.blocks[0].attn.kernels.name == "torch"
 
     generator = torch.Generator().manual_seed(1)
     video = torch.randn(2, 3, 3, 16, 16, generator=generator).to(device)

@@ -1,11 +1,12 @@
-"""Triton patch_embed vs the torch reference (and nn.Conv2d): forward and the grads of x, weight and bias."""
+"""Triton patch_embed (its custom op) vs the torch reference (and nn.Conv2d): forward and the grads of x, weight and
+bias."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ristretto.kernels import reference
 from ristretto.kernels.testing import assert_matches_reference
-from ristretto.kernels.patch_embed import patch_embed
+from ristretto.kernels.custom_ops import patch_embed
 
 # (dtype, atol): fp32 must be tight; low precision passes when err <= 2 * (reference's own low-precision err) + atol
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-3), (torch.float16, 1e-4)]

@@ -1,4 +1,4 @@
-"""The Triton temporal attention vs its torch twin: output and dqkv, odd frame counts and head dims, three dtypes.
+"""The Triton temporal attention (its custom op) vs its torch twin: output and dqkv, odd frame counts and head dims, three dtypes.
 Rule (flash-attention's): max|x - x_ref| <= 2 max|x_pt - x_ref| + atol, x_ref in fp64, x_pt the twin in x's dtype."""
 import functools
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ristretto.kernels import reference
-from ristretto.kernels.temporal_attention import MAX_FRAMES, launch_config, temporal_attention
+from ristretto.kernels.custom_ops import temporal_attention
+from ristretto.kernels.temporal_attention import MAX_FRAMES, launch_config
 from ristretto.kernels.testing import assert_matches_reference
 
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-3), (torch.float16, 1e-4)]

@@ -10,7 +10,8 @@ from ristretto.engine.build import apply_attention_backend, build_plain_model
 from ristretto.engine.config import ConfigError, build_config
 from ristretto.kernels import reference
 from ristretto.model.attention import CrossAttention, attention_over_frames
-from ristretto.model.layout import frame_sequences, frames_from_sequences, video_rows, with_image_rows
+from ristretto.model.layout import (frame_sequences, frames_from_sequences, sequences_from_frames, video_rows,
+                                    with_image_rows)
 
 TINY = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "data.frames=3", "data.resolution=16",
         "model.caption_channels=12", "model.caption_length=6"]
@@ -80,7 +81,7 @@ def test_triton_temporal_attention_on_cpu_without_the_interpreter_is_refused_up_
 
 def test_attention_over_frames_equals_the_reference_twin():
     qkv = torch.randn(2 * 5, 7, 3, 2, 8, dtype=torch.float64)
-    got = attention_over_frames(reference_sdpa)(qkv, 5, project=lambda out: out)
+    got = attention_over_frames(reference_sdpa)(qkv, 5, project=lambda out, layout: layout.to_rows(out))
     torch.testing.assert_close(got, reference.temporal_attention(qkv, 5).flatten(-2))
 
 
@@ -96,6 +97,7 @@ def test_frame_sequences_round_trip_and_order():
     torch.testing.assert_close(k[1 * 4 + 2, 1], qkv[1 * 3 + 1, 2, 1])  # sample 1, position 2, frame 1
     assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()  # one copy, saved once
     torch.testing.assert_close(frames_from_sequences(v, 4), qkv[:, :, 2])
+    torch.testing.assert_close(sequences_from_frames(qkv[:, :, 2], 3), v)
 
 
 def test_video_rows_are_a_view_without_images_and_images_come_back_unchanged():
