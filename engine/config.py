@@ -183,7 +183,8 @@ class TrainConfig:
     precision: str = "fp32"
     """fp32 | bf16 | fp8-te | fp8-ao."""
     fp8_recipe: str = "default"
-    """FP8 scaling recipe: default (delayed for TE, tensorwise for torchao) | delayed | current | mxfp8 | block | tensorwise | rowwise."""
+    """FP8 scaling recipe: default (delayed for TE, tensorwise for torchao) | delayed | current | mxfp8 | block (TE) |
+    tensorwise | rowwise | rowwise_with_gw_hp (torchao; the last keeps the weight-gradient GEMM in bf16)."""
     fp8_emulate: bool = False
     """fp8-ao only: torchao's emulated float8 (Float8LinearConfig(emulate=True)), which runs on CPU. For numerics checks
     (docs/precision.md's loss parity): no speed-up, and it converts every linear the FP8 shape rule allows, ignoring
@@ -284,7 +285,8 @@ CHOICES = {
     "diffusion.sampler": ("ddim", "dpm"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16", "fp8-te", "fp8-ao"),
-    "train.fp8_recipe": ("default", "delayed", "current", "mxfp8", "block", "tensorwise", "rowwise"),
+    "train.fp8_recipe": ("default", "delayed", "current", "mxfp8", "block", "tensorwise", "rowwise",
+                         "rowwise_with_gw_hp"),
     "train.checkpointing": ("none", "full", "every-k", "selective-mlp", "selective-attention", "auto"),
     "train.residual_dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -9,7 +9,7 @@
             mxfp8 (Blackwell); a recipe the installed TE lacks is an error naming it. TE refuses delayed scaling
             under torch.compile (use current).
     fp8-ao  bf16 autocast + torchao float8 training: chosen nn.Linear -> Float8Linear. Recipes: tensorwise (default),
-            rowwise. Needs train.compile=true (eager casts make it slower than bf16; engine/config.validate), except
+            rowwise, rowwise_with_gw_hp (rowwise, but the weight gradient GEMM in bf16). Needs train.compile=true (eager casts make it slower than bf16; engine/config.validate), except
             train.fp8_emulate=true (torchao's emulation, CPU-capable, for numerics checks).
 Which linears go to FP8 is decided by one rule, `fp8_linear_filter` (shape + pays-off; logged at start and by the
 planner). What each part of fp8-te needs from the engine:
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp8-te", "fp8-ao")
 TE_RECIPES = ("delayed", "current", "block", "mxfp8")
-AO_RECIPES = ("tensorwise", "rowwise")
+AO_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 FP8_RECIPES = ("default", *TE_RECIPES, *AO_RECIPES)
 DEFAULT_RECIPE = {"fp8-te": "delayed", "fp8-ao": "tensorwise"}
 

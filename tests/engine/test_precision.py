@@ -168,7 +168,7 @@ def test_bf16_autocasts_the_forward_and_keeps_fp32_weights():
     ("fp16", "default", r"^train.precision: unknown precision 'fp16'; expected one of \('fp32', 'bf16', 'fp8-te'"),
     ("fp8-te", "hybrid", r"^train.fp8_recipe: unknown recipe 'hybrid'; expected one of \('default', 'delayed'"),
     ("fp8-ao", "delayed", r"^train.fp8_recipe: 'delayed' is not a recipe of train.precision='fp8-ao'; "
-                          r"expected one of \('default', 'tensorwise', 'rowwise'\)"),
+                          r"expected one of \('default', 'tensorwise', 'rowwise', 'rowwise_with_gw_hp'\)"),
     ("fp8-te", "rowwise", r"^train.fp8_recipe: 'rowwise' is not a recipe of train.precision='fp8-te'"),
 ])
 def test_bad_names_are_one_line(precision, recipe, pattern):
@@ -318,7 +318,7 @@ def assert_tracks_bf16(losses, bf16_losses, rtol=0.05):
         assert abs(a - b) <= rtol * b, f"step {step}: fp8 {a:.4f} vs bf16 {b:.4f}"
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
 def test_fp8_ao_training_tracks_bf16_on_cpu(any_device_fp8, recipe):
     pytest.importorskip("torchao.float8")
     assert_tracks_bf16(train_losses("fp8-ao", recipe), train_losses("bf16"))
@@ -327,7 +327,8 @@ def test_fp8_ao_training_tracks_bf16_on_cpu(any_device_fp8, recipe):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision_name, recipe", [("fp8-te", "delayed"), ("fp8-te", "current"),
                                                     ("fp8-te", "block"), ("fp8-te", "mxfp8"),
-                                                    ("fp8-ao", "tensorwise"), ("fp8-ao", "rowwise")])
+                                                    ("fp8-ao", "tensorwise"), ("fp8-ao", "rowwise"),
+                                                    ("fp8-ao", "rowwise_with_gw_hp")])
 def test_gpu_fp8_training_tracks_bf16(precision_name, recipe):
     pytest.importorskip("transformer_engine.pytorch" if precision_name == "fp8-te" else "torchao.float8")
     needed = prec.RECIPE_MIN_CAPABILITY.get(recipe, (prec.FP8_MIN_CAPABILITY, ""))[0]
@@ -357,7 +358,8 @@ def test_fp8_ao_with_compile_or_emulation_is_valid():
     build_config("tiny-t2v", ["train.precision=fp8-ao", "train.fp8_emulate=true"])
 
 
-@pytest.mark.parametrize("recipe, granularity", [("tensorwise", "TENSORWISE"), ("rowwise", "AXISWISE")])
+@pytest.mark.parametrize("recipe, granularity", [("tensorwise", "TENSORWISE"), ("rowwise", "AXISWISE"),
+                                                  ("rowwise_with_gw_hp", "AXISWISE")])
 def test_fp8_ao_emulated_runs_on_cpu_with_its_recipe(recipe, granularity):
     pytest.importorskip("torchao.float8")
     from torchao.float8.float8_linear import Float8Linear
