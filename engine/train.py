@@ -423,7 +423,6 @@ def write_validation_samples(run_dir: Path, step: int, config, sampling_model, e
     write_samples(out_dir, videos, titles, config.sample.fps)
     if metrics is not None:
         metrics.videos(step, videos, titles, config.sample.fps)
-    update_report(run_dir, "running", step)
     return out_dir
 
 
@@ -623,6 +622,8 @@ def train_on_ranks(config, run_dir: Path, resume: Path | None, info: DistInfo, o
                     if config.sample.quality_seeds:
                         log_quality(config, state.step, sampling_model, encoders, diffusion, precision, device,
                                     metrics)
+                    if state.step < train_cfg.max_steps:  # at the last step the end-of-run report follows at once
+                        update_report(run_dir, "running", state.step)
             except PhaseInterrupted:
                 out_dir = None
         barrier(info)

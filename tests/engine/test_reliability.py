@@ -435,10 +435,10 @@ def test_a_weight_file_dropped_from_the_manifest_is_refused(tmp_path):
 
 
 def _threads_and_policy(load: float) -> list[str]:
-    """What a fresh process picks on 3 allowed CPUs (a cgroup/taskset share) with the given 1-minute load."""
-    probe = ("import os; os.sched_getaffinity = lambda pid: {0, 1, 2}; "
-             f"os.getloadavg = lambda: ({load}, 0.0, 0.0); from ristretto.engine.cli import "
-             "configure_openmp, configure_threads; configure_threads(configure_openmp()); import torch; "
+    """What a fresh process picks on 3 allowed CPUs (a cgroup/taskset share) with `load` of them busy elsewhere."""
+    probe = ("import os; os.sched_getaffinity = lambda pid: {0, 1, 2}; from ristretto.engine import cli; "
+             f"cli.busy_cpus = lambda allowed: {load}; "
+             "cli.configure_threads(cli.configure_openmp()); import torch; "
              "print(torch.get_num_threads(), os.environ.get('OMP_WAIT_POLICY', 'default'))")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout.split()
@@ -453,6 +453,27 @@ def test_cpu_threads_are_the_idle_cpus_of_the_affinity_and_sleep_on_a_loaded_mac
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert configure_openmp() is None and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_busy_cpus_reads_the_allowed_cpus_now_not_the_load_average(tmp_path, monkeypatch):
+    from ristretto.engine import cli
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 10 0 10 80 0 0 0 0 0 0\ncpu1 1 2 3 4 5 6 7 8 0 0\nintr 5\n")
+    assert cli._cpu_times({0}, str(stat)) == {0: (80, 100)}  # only allowed CPUs; idle = idle + iowait
+    assert cli._cpu_times({0, 1}, str(stat))[1] == (9, 36)
+    with pytest.raises(ValueError, match="none of CPUs"):
+        cli._cpu_times({5}, str(stat))
+    samples = iter([{0: (80, 100), 1: (50, 100)}, {0: (180, 200), 1: (60, 200)}])  # cpu0 idle, cpu1 90% busy
+    monkeypatch.setattr(cli, "_cpu_times", lambda allowed: next(samples))
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (5.0, 5.0, 5.0))  # stale load must not count
+    assert cli.busy_cpus({0, 1}, window_s=0) == pytest.approx(0.9)
+
+    def missing(allowed):
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(cli, "_cpu_times", missing)  # e.g. macOS: the load average instead
+    assert cli.busy_cpus({0, 1}, window_s=0) == 5.0
 
 
 def test_an_error_reraised_from_a_data_loader_worker_is_still_one_line():

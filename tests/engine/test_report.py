@@ -68,8 +68,10 @@ def test_the_report_is_rewritten_at_each_validation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "update_report", spy)
     train(build_config("tiny-t2v", TINY + ["train.max_steps=3", "train.sample_every=1"]), tmp_path / "run")
-    assert seen == [("running", 1, [1]), ("running", 2, [2, 1]), ("running", 3, [3, 2, 1])]
-    assert read_status(tmp_path / "run")["state"] == "finished"  # written when train() returned
+    # The last validation's report is the end-of-run one (written once, when train() returns), not a "running" one.
+    assert seen == [("running", 1, [1]), ("running", 2, [2, 1])]
+    assert read_status(tmp_path / "run")["state"] == "finished"
+    assert sample_steps((tmp_path / "run" / "report.html").read_text()) == [3, 2, 1]
 
 
 def test_a_failed_run_says_why_in_one_line(tmp_path, monkeypatch):
