@@ -1,7 +1,8 @@
 """Which linears does FP8 hurt most? Gradient error of emulated FP8 on one group of block linears at a time.
 
 `python -m ristretto.bench.fp8_sensitivity --preset synthetic-proof [--weights RUN/checkpoints/step_N/model.safetensors]
-[--seed S] [--recipe tensorwise] [--batches 4] [--set key=value ...]`
+[--seed S] [--recipe tensorwise] [--batches 4] [--set key=value ...] [--out DIR]`: prints the table and writes it as
+JSON (with the environment) to DIR/fp8_sensitivity_<device>.json (default bench/results).
 
 Method: the model (fresh, or a run's weights: a trained state is what matters) takes `--batches` fixed training batches
 under bf16 autocast; for each group (all FP8-eligible block linears, then each linear kind, spatial/temporal blocks,
@@ -18,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ristretto.bench.common import format_table, write_results
 from ristretto.engine.build import apply_residual_dtype, build_plain_model
 from ristretto.engine.config import build_config
 from ristretto.engine.datasets import build_dataset
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", default="tensorwise")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
     args = parser.parse_args(argv)
     config = build_config(args.preset, [f"train.seed={args.seed}", *args.overrides])
     torch.manual_seed(args.seed)
@@ -107,9 +110,11 @@ def main(argv=None) -> int:
         state = load_file(args.weights)
     else:
         state = build_plain_model(config).state_dict()
-    print(f"{'group':34s} {'linears':>7s} {'grad error':>10s} {'loss':>8s}")
-    for row in sensitivity(config, state, args.recipe, args.batches):
-        print(f"{row['group']:34s} {row['linears']:7d} {row['grad_error']:10.3f} {100 * row['loss_change']:+7.2f}%")
+    rows = sensitivity(config, state, args.recipe, args.batches)
+    print(format_table(rows))
+    print(write_results("fp8_sensitivity", {"preset": args.preset, "weights": args.weights, "seed": args.seed,
+                                            "recipe": args.recipe, "batches": args.batches,
+                                            "overrides": args.overrides, "rows": rows}, args.out))
     return 0
 
 

@@ -23,3 +23,17 @@ def test_sensitivity_rows_name_each_group_and_fp8_adds_error():
     assert rows["FP8 first + last block only"]["linears"] == 11 and rows["FP8 all but first + last block"]["linears"] == 0
     # fresh adaLN-Zero weights: the gates are zero, so only linears feeding the gates' gradients see an FP8 error
     assert everything["grad_error"] > 0 and rows["FP8 mlp.fc1 only"]["grad_error"] > 0
+
+
+def test_the_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    pytest.importorskip("torchao.float8")
+    import json
+
+    from ristretto.bench.fp8_sensitivity import main
+
+    assert main(["--batches", "1", "--out", str(tmp_path), *[a for item in TINY for a in ("--set", item)]]) == 0
+    (path,) = tmp_path.glob("fp8_sensitivity_*.json")
+    saved = json.loads(path.read_text())
+    assert saved["environment"]["torch"] and saved["recipe"] == "tensorwise"
+    assert [row["group"] for row in saved["rows"]][:2] == ["fp32 (no autocast), for scale", "FP8 all block linears"]
+    assert "grad_error" in capsys.readouterr().out
