@@ -239,6 +239,11 @@ def amax_worker(rank: int, port: int, out: str) -> None:
         prediction.float().square().mean().backward()
         scales[str(grouped)] = prec.fp8_scaling_state(model)
     torch.save(scales, Path(out) / f"rank{rank}.pt")
+    # Both ranks done with every collective and the DDP reducers gone before the groups are torn down: a rank that
+    # destroyed its groups while the other still ran was seen to abort (SIGABRT, "terminate called without an
+    # active exception") once in a loaded CI run.
+    del ddp, model, precision
+    dist.barrier()
     dist.destroy_process_group()
 
 
