@@ -32,6 +32,7 @@ switch to sharded DCP files instead.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from contextlib import contextmanager, nullcontext
@@ -136,8 +137,12 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
 
 
 def destroy_distributed() -> None:
-    """Tear down the process group if one was started (safe to call in any run)."""
+    """Tear down the process group if one was started (safe to call in any run). The run's modules (DDP reducers,
+    FSDP state) hold the groups through reference cycles; collected only at interpreter exit, they destroyed gloo's
+    worker threads there and a rank aborted ("terminate called without an active exception", SIGABRT, seen in CI),
+    so they are collected first, while the interpreter is whole."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -554,6 +554,7 @@ def train(config, run_dir: Path, resume: Path | None = None, on_start=None) -> T
     else:
         if is_main(info):
             report_end(Path(run_dir), state)
+        barrier(info)  # every rank done with every collective before any tears its groups down
         return state
     finally:
         destroy_distributed()
