@@ -362,9 +362,17 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None, 
                    tokens_per_frame=g.tokens_per_frame, precision=train.precision, checkpointing=train.checkpointing,
                    attention=model.attention_backend, parameters=params, device_type=device_type,
                    residual=train.residual_dtype, kernels=model.kernels,
-                   fp8=(f"{'block linears in FP8' if fp8_eligible else 'block linears stay bf16'} ({fp8_rule_text()})"
-                        if train.precision.startswith("fp8") else ""))
+                   fp8=fp8_summary(train, fp8_eligible))
     return MemoryPlan(breakdown, peak, required, block_table, summary, choices)
+
+
+def fp8_summary(train, fp8_eligible: bool) -> str:
+    """The plan's FP8 line: which block linears the rule sends to FP8 (emulation converts by shape alone)."""
+    if not train.precision.startswith("fp8"):
+        return ""
+    if train.fp8_emulate:  # no FP8 GEMM to pay for: the pays-off part of the rule does not apply
+        return "emulated FP8: block linears with both dims divisible by 16 converted (numerics only, planned as bf16)"
+    return f"{'block linears in FP8' if fp8_eligible else 'block linears stay bf16'} ({fp8_rule_text()})"
 
 
 def peak_from(breakdown: dict[str, int], grad_accum: int) -> int:

@@ -407,6 +407,9 @@ def test_planner_shows_the_fp8_rule_and_counts_te_copies():
     tiny = predict_memory(build_config("synthetic-proof", ["train.precision=fp8-te"]))
     assert "block linears stay bf16" in tiny.format()
     assert tiny.peak_bytes == predict_memory(build_config("synthetic-proof", ["train.precision=bf16"])).peak_bytes
+    emulated = predict_memory(build_config("synthetic-proof", ["train.precision=fp8-ao", "train.fp8_emulate=true",
+                                                               "train.compile=true"]))
+    assert "emulated FP8: block linears with both dims divisible by 16 converted" in emulated.format()
 
 
 def test_emulated_fp8_passes_the_preflight_on_cpu():
