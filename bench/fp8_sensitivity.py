@@ -2,7 +2,7 @@
 
 `python -m ristretto.bench.fp8_sensitivity --preset synthetic-proof [--weights RUN/checkpoints/step_N/model.safetensors]
 [--seed S] [--recipe tensorwise] [--batches 4] [--set key=value ...] [--out DIR]`: prints the table and writes it as
-JSON (with the environment) to DIR/fp8_sensitivity_<device>.json (default bench/results).
+JSON (with the environment) to DIR/fp8_sensitivity_<device>.json (default runs/bench).
 
 Method: the model (fresh, or a run's weights: a trained state is what matters) takes `--batches` fixed training batches
 under bf16 autocast; for each group (all FP8-eligible block linears, then each linear kind, spatial/temporal blocks,
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", default="tensorwise")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
+    parser.add_argument("--out", default=None, help="folder for the JSON (default runs/bench)")
     args = parser.parse_args(argv)
     config = build_config(args.preset, [f"train.seed={args.seed}", *args.overrides])
     torch.manual_seed(args.seed)

@@ -10,7 +10,7 @@ window loss of both runs at each `--at` step and their ratio, and per phase the 
 window-loss ratio over the windows ending in the phase; then the same over seeds, and the held-out quality of each run
 where `bench.quality` left RUN/quality.json. A bf16 run against another bf16 run that differs only in rounding
 (eager vs `train.compile=true`) gives the noise floor any change has to be judged against. Writes the tables as JSON
-(with the environment) to DIR/loss_parity_<label>_<device>.json (default bench/results). docs/precision.md holds a
+(with the environment) to DIR/loss_parity_<label>_<device>.json (default runs/bench). docs/precision.md holds a
 measured table (emulated FP8 vs bf16).
 """
 from __future__ import annotations
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--at", default="250,500,1000,2000,3000", help="steps to show the window loss at")
     parser.add_argument("--phases", default="200-1000,1100-2000,2100-3000", help="FIRST-LAST step ranges")
     parser.add_argument("--label", default="candidate", help="name of the comparison in the JSON file name")
-    parser.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
+    parser.add_argument("--out", default=None, help="directory for the JSON (default runs/bench)")
     args = parser.parse_args(argv)
     try:
         result = compare(pair_by_seed(args.baseline, args.candidate), [int(s) for s in args.at.split(",")],

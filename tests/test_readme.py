@@ -56,6 +56,7 @@ RULES = [  # (pattern the whole command must match, kind)
     (r"ristretto-export --run DIR", "run"),
     (r"python -m ristretto\.engine\.plan .*", "run"),
     (r"python -m ristretto\.bench\.quality --run DIR.*", "run"),
+    (r"python -m ristretto\.bench\.loss_parity --baseline .*", "help"),
     (r"python -m ristretto\.bench\.kernels \| attention \| step \| memory", "bench"),
     (r"python -m ristretto\.bench\.memory --smoke", "slow"),
 ]
