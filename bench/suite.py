@@ -84,7 +84,8 @@ PARITY_STEPS = 300
 PARITY_VARIANTS = {  # name -> train overrides
     "bf16-torch": ("train.precision=bf16", "model.kernels=torch"),
     "bf16-triton": ("train.precision=bf16", "model.kernels=triton"),
-    "fp8-ao": ("train.precision=fp8-ao", "model.kernels=torch", "train.compile=true"),  # fp8-ao requires compile
+    # fp8-ao requires compile; fp8_linears=shape: the FP8 rule would keep every linear of this small model in bf16
+    "fp8-ao": ("train.precision=fp8-ao", "model.kernels=torch", "train.compile=true", "train.fp8_linears=shape"),
 }
 
 

@@ -101,7 +101,7 @@ def build_training_model(config, device: torch.device,
     ema = (EMA(model, train.ema_decay, train.ema_warmup, every=train.ema_every,
                device="cpu" if train.ema_on_cpu else None) if train.ema_decay > 0 else None)
     precision = apply_precision(model, train.precision, train.fp8_recipe, emulate=train.fp8_emulate,
-                                rows=fp8_gemm_rows(config))
+                                rows=fp8_gemm_rows(config) if train.fp8_linears == "rule" else None)
     apply_residual_dtype(model, train.residual_dtype, train.precision)
     apply_freeze(model, config.model.freeze)  # after the converters, which may replace parameters
     choices = None

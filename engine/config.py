@@ -189,6 +189,10 @@ class TrainConfig:
     """fp8-ao only: torchao's emulated float8 (Float8LinearConfig(emulate=True)), which runs on CPU. For numerics checks
     (docs/precision.md's loss parity): no speed-up, and it converts every linear the FP8 shape rule allows, ignoring
     the rule's pays-off threshold (there is no FP8 GEMM to pay for)."""
+    fp8_linears: str = "rule"
+    """Which block linears run in FP8: rule (the FP8 rule, docs/precision.md: divisible by 16 and a GEMM big enough
+    for FP8 to pay for its casts) | shape (every block linear divisible by 16, paying off or not: numerics checks of
+    real FP8 GEMMs on a small model, as the GPU suite's parity part does; emulation always converts by shape)."""
     checkpointing: str = "none"
     """Activation checkpointing: none | full | every-k | selective-mlp | selective-attention | auto (the planner
     picks per block what to recompute - nothing, the MLP, the attention or the whole block - so the plan fits
@@ -285,6 +289,7 @@ CHOICES = {
     "diffusion.sampler": ("ddim", "dpm"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16", "fp8-te", "fp8-ao"),
+    "train.fp8_linears": ("rule", "shape"),
     "train.fp8_recipe": ("default", "delayed", "current", "mxfp8", "block", "tensorwise", "rowwise",
                          "rowwise_with_gw_hp"),
     "train.checkpointing": ("none", "full", "every-k", "selective-mlp", "selective-attention", "auto"),
@@ -510,6 +515,9 @@ def validate(config: RunConfig) -> RunConfig:
     if train.fp8_emulate and train.precision != "fp8-ao":
         raise ConfigError(f"train.fp8_emulate: only torchao emulates float8; needs train.precision=fp8-ao, got "
                           f"{train.precision}")
+    if train.fp8_linears != "rule" and not train.precision.startswith("fp8"):
+        raise ConfigError(f"train.fp8_linears={train.fp8_linears}: chooses FP8 linears; needs train.precision=fp8-te "
+                          f"or fp8-ao, got {train.precision}")
     if train.precision == "fp8-ao" and not train.compile and not train.fp8_emulate:
         # torchao's float8 training is built on torch.compile, which fuses its amax and cast passes; eagerly they are
         # separate memory passes the FP8 GEMM does not repay (torchao docs; docs/precision.md).

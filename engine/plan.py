@@ -91,9 +91,10 @@ def saved_bytes(precision: str, fp8_eligible: bool, residual_dtype: str = "fp32"
     return SavedBytes(2, te_input, 2, 2, 2, residual, fp8)
 
 
-def fp8_block_linears(g: TokenGeometry) -> bool:
-    """Whether engine/precision's FP8 rule converts the block linears (qkv, proj, fc1, fc2) at this geometry."""
-    rows = g.batch * (g.frames + g.images) * g.tokens_per_frame
+def fp8_block_linears(g: TokenGeometry, by_shape: bool = False) -> bool:
+    """Whether engine/precision's FP8 rule converts the block linears (qkv, proj, fc1, fc2) at this geometry
+    (`by_shape`: its shape part only, as train.fp8_linears=shape and emulation apply it)."""
+    rows = None if by_shape else g.batch * (g.frames + g.images) * g.tokens_per_frame
     shapes = [(g.hidden, 3 * g.hidden), (g.hidden, g.hidden), (g.hidden, g.mlp_hidden), (g.mlp_hidden, g.hidden)]
     return all(fp8_shape_pays_off(k, n, rows) for k, n in shapes)
 
@@ -329,7 +330,7 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None, 
     counts = parameter_counts(g)
     params = sum(counts.values())
     trainable = counts["temporal blocks"] if model.freeze == "spatial" else params  # gradients + AdamW state only here
-    fp8_eligible = fp8_block_linears(g)
+    fp8_eligible = fp8_block_linears(g, by_shape=train.fp8_linears == "shape" and not train.fp8_emulate)
     saved = saved_bytes(train.precision, fp8_eligible, train.residual_dtype)
     probabilities = attention_keeps_probabilities(model.attention_backend)
     triton = model.kernels == "triton"
@@ -372,6 +373,9 @@ def fp8_summary(train, fp8_eligible: bool) -> str:
         return ""
     if train.fp8_emulate:  # no FP8 GEMM to pay for: the pays-off part of the rule does not apply
         return "emulated FP8: block linears with both dims divisible by 16 converted (numerics only, planned as bf16)"
+    if train.fp8_linears == "shape":
+        return (f"{'block linears in FP8' if fp8_eligible else 'block linears stay bf16'} (train.fp8_linears=shape: "
+                "every block linear (not adaLN) with both dims divisible by 16, whether FP8 pays off or not)")
     return f"{'block linears in FP8' if fp8_eligible else 'block linears stay bf16'} ({fp8_rule_text()})"
 
 

@@ -171,7 +171,8 @@ def apply_precision(model: nn.Module, precision: str, fp8_recipe: str = "default
         logger.info("precision %s (%s%s): %d linears in FP8%s; %d kept in bf16%s. %s", precision, recipe,
                     ", emulated" if emulate else "", len(names), f": {', '.join(names)}" if names else "",
                     len(result.skipped), f": {', '.join(result.skipped)}" if result.skipped else "",
-                    fp8_rule_text() if not emulate else "Emulated: the shape part of the FP8 rule only.")
+                    fp8_rule_text() if rows is not None and not emulate else
+                    f"{'Emulated' if emulate else 'Converted by shape'}: the shape part of the FP8 rule only.")
     else:
         logger.info("precision %s", precision)
     return result

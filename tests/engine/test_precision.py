@@ -421,3 +421,33 @@ def test_emulated_fp8_passes_the_preflight_on_cpu():
     with pytest.raises(ConfigError, match="FP8 training needs an Ada/Hopper"):
         check_environment(build_config("tiny-t2v", ["train.precision=fp8-ao", "train.compile=true"]),
                           torch.device("cpu"))
+
+
+# ---- train.fp8_linears: the rule, or every shape-legal block linear (numerics checks of real FP8 GEMMs) ----
+
+def test_fp8_linears_shape_converts_what_the_rule_keeps_in_bf16(monkeypatch):
+    from ristretto.engine.build import build_training_model
+    from ristretto.engine.config import build_config
+    from ristretto.engine.plan import predict_memory
+
+    monkeypatch.setattr(prec, "check_fp8_device", lambda device, precision, recipe: None)  # the stand-in runs on CPU
+    fake_te_module.install(monkeypatch)
+    converted = {}
+    for choice in ("rule", "shape"):
+        config = build_config("synthetic-proof", ["train.precision=fp8-te", f"train.fp8_linears={choice}"])
+        model, _, precision = build_training_model(config, torch.device("cpu"))
+        converted[choice] = precision.converted
+        assert len(precision.converted) == sum(isinstance(m, FakeTELinear) for m in model.modules())
+        assert not any("modulation" in name for name in precision.converted)  # adaLN stays out either way
+    assert converted["rule"] == [] and len(converted["shape"]) == 44  # 64 wide: every GEMM below the threshold
+    shape = predict_memory(build_config("synthetic-proof", ["train.precision=fp8-te", "train.fp8_linears=shape"]))
+    assert "block linears in FP8 (train.fp8_linears=shape" in shape.format()
+
+
+def test_fp8_linears_needs_an_fp8_precision_and_a_known_choice():
+    from ristretto.engine.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="train.fp8_linears=shape: .*needs train.precision=fp8-te or fp8-ao"):
+        build_config("synthetic-proof", ["train.precision=bf16", "train.fp8_linears=shape"])
+    with pytest.raises(ConfigError, match="train.fp8_linears"):
+        build_config("synthetic-proof", ["train.precision=fp8-te", "train.fp8_linears=all"])
