@@ -113,6 +113,8 @@ def spread(values: list[float]) -> str:
 
 def compare(pairs: dict[int, tuple[Path, Path]], at: list[int], phases: list[tuple[int, int]], window: int) -> dict:
     """Per-seed and over-seed comparison (the JSON this bench writes)."""
+    if not pairs:
+        raise RunError("no runs to compare")
     seeds, phase_means = [], {f"{a}-{b}": [] for a, b in phases}
     for seed, (base_run, cand_run) in pairs.items():
         base, cand = run_losses(base_run), run_losses(cand_run)
