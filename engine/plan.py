@@ -330,7 +330,7 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None, 
     counts = parameter_counts(g)
     params = sum(counts.values())
     trainable = counts["temporal blocks"] if model.freeze == "spatial" else params  # gradients + AdamW state only here
-    fp8_eligible = fp8_block_linears(g, by_shape=train.fp8_linears == "shape" and not train.fp8_emulate)
+    fp8_eligible = fp8_block_linears(g, by_shape=train.fp8_linears == "shape" or train.fp8_emulate)
     saved = saved_bytes(train.precision, fp8_eligible, train.residual_dtype)
     probabilities = attention_keeps_probabilities(model.attention_backend)
     triton = model.kernels == "triton"
@@ -368,15 +368,14 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None, 
 
 
 def fp8_summary(train, fp8_eligible: bool) -> str:
-    """The plan's FP8 line: which block linears the rule sends to FP8 (emulation converts by shape alone)."""
+    """The plan's FP8 line: whether the block linears go to FP8, and by which rule."""
     if not train.precision.startswith("fp8"):
         return ""
-    if train.fp8_emulate:  # no FP8 GEMM to pay for: the pays-off part of the rule does not apply
-        return "emulated FP8: block linears with both dims divisible by 16 converted (numerics only, planned as bf16)"
-    if train.fp8_linears == "shape":
-        return (f"{'block linears in FP8' if fp8_eligible else 'block linears stay bf16'} (train.fp8_linears=shape: "
-                "every block linear (not adaLN) with both dims divisible by 16, whether FP8 pays off or not)")
-    return f"{'block linears in FP8' if fp8_eligible else 'block linears stay bf16'} ({fp8_rule_text()})"
+    converted = "block linears in FP8" if fp8_eligible else "block linears stay bf16"
+    if train.fp8_emulate or train.fp8_linears == "shape":  # the shape part of the rule only
+        why = "emulated: " if train.fp8_emulate else "train.fp8_linears=shape: "
+        return f"{converted} ({why}every block linear (not adaLN) with both dims divisible by 16)"
+    return f"{converted} ({fp8_rule_text()})"
 
 
 def peak_from(breakdown: dict[str, int], grad_accum: int) -> int:

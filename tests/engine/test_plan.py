@@ -50,7 +50,9 @@ def test_activations_match_saved_tensors(size, mode):
     ["train.precision=bf16", "train.residual_dtype=fp32"],      # an fp32 residual stream: twice each block input
     ["train.precision=bf16", "model.kernels=triton"],           # Triton LN-modulate keeps mean/rstd too
     ["train.precision=bf16", "train.residual_dtype=fp32", "train.checkpointing=full"],
-], ids=["math", "bf16", "bf16-math", "bf16-selective-mlp", "images", "fp32-residual", "triton", "fp32-residual-full"])
+    ["train.precision=fp8-ao", "train.fp8_emulate=true"],       # converted linears run as modules, not fused branches
+], ids=["math", "bf16", "bf16-math", "bf16-selective-mlp", "images", "fp32-residual", "triton", "fp32-residual-full",
+        "fp8-emulated"])
 def test_activation_variants_of_tiny_t2v(overrides):
     config = build_config("tiny-t2v", ["train.batch_size=4", *overrides])
     assert within(plan.predict_memory(config, "cpu").activation_bytes, measure_saved_bytes(config))
