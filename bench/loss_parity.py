@@ -161,8 +161,8 @@ def quality_rows(result: dict) -> list[dict]:
         for role in ("baseline", "candidate"):
             quality = row["quality"][role]
             if quality is not None:
-                rows.append(dict(seed=row["seed"], run=role, **{key.split("_")[0]: percent(quality.get(key))[1:]
-                                                                for key in QUALITY_KEYS}, videos=quality["videos"]))
+                scores = {key.split("_")[0]: f"{100 * quality[key]:.1f}%" for key in QUALITY_KEYS if key in quality}
+                rows.append(dict(seed=row["seed"], run=role, **scores, videos=quality["videos"]))
     return rows
 
 

@@ -14,7 +14,7 @@ from ristretto.model.latte import Latte, latte_from_config
 
 from .checkpointing import apply_activation_checkpointing
 from .ema import EMA
-from .precision import Precision, apply_precision, gemm_rows
+from .precision import Precision, apply_precision, fp8_by_shape, gemm_rows
 from .pretrained import apply_freeze, initialise_from_pretrained
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def build_training_model(config, device: torch.device,
     ema = (EMA(model, train.ema_decay, train.ema_warmup, every=train.ema_every,
                device="cpu" if train.ema_on_cpu else None) if train.ema_decay > 0 else None)
     precision = apply_precision(model, train.precision, train.fp8_recipe, emulate=train.fp8_emulate,
-                                rows=fp8_gemm_rows(config) if train.fp8_linears == "rule" else None)
+                                rows=None if fp8_by_shape(train) else fp8_gemm_rows(config))
     apply_residual_dtype(model, train.residual_dtype, train.precision)
     apply_freeze(model, config.model.freeze)  # after the converters, which may replace parameters
     choices = None

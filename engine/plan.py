@@ -46,7 +46,7 @@ import torch
 
 from .checkpointing import AUTO, BLOCK_CHOICES, CHECKPOINTING_MODES
 from .config import PRESETS, ConfigError, build_config
-from .precision import fp8_rule_text, fp8_shape_pays_off
+from .precision import fp8_by_shape, fp8_rule_text, fp8_shape_pays_off
 from .flops import TIMESTEP_FEATURES, TokenGeometry, block_flops, model_flops, recompute_flops, token_geometry
 
 GIB = 2**30
@@ -330,7 +330,7 @@ def predict_memory(config, device_type: str = "cuda", batch: int | None = None, 
     counts = parameter_counts(g)
     params = sum(counts.values())
     trainable = counts["temporal blocks"] if model.freeze == "spatial" else params  # gradients + AdamW state only here
-    fp8_eligible = fp8_block_linears(g, by_shape=train.fp8_linears == "shape" or train.fp8_emulate)
+    fp8_eligible = fp8_block_linears(g, by_shape=fp8_by_shape(train))
     saved = saved_bytes(train.precision, fp8_eligible, train.residual_dtype)
     probabilities = attention_keeps_probabilities(model.attention_backend)
     triton = model.kernels == "triton"
@@ -372,7 +372,7 @@ def fp8_summary(train, fp8_eligible: bool) -> str:
     if not train.precision.startswith("fp8"):
         return ""
     converted = "block linears in FP8" if fp8_eligible else "block linears stay bf16"
-    if train.fp8_emulate or train.fp8_linears == "shape":  # the shape part of the rule only
+    if fp8_by_shape(train):
         why = "emulated: " if train.fp8_emulate else "train.fp8_linears=shape: "
         return f"{converted} ({why}every block linear (not adaLN) with both dims divisible by 16)"
     return f"{converted} ({fp8_rule_text()})"

@@ -90,6 +90,12 @@ def fp8_shape_pays_off(in_features: int, out_features: int, rows: int | None) ->
     return rows is None or gemm_intensity(rows, in_features, out_features) >= FP8_MIN_INTENSITY
 
 
+def fp8_by_shape(train) -> bool:
+    """Whether a run's FP8 linears are chosen by the shape part of the rule alone: train.fp8_linears=shape, or
+    emulation (no FP8 GEMM to pay for)."""
+    return train.fp8_linears == "shape" or train.fp8_emulate
+
+
 def fp8_rule_text() -> str:
     return (f"FP8 rule: block linears (not adaLN) with both dims divisible by {FP8_DIM_MULTIPLE} and a bf16 GEMM "
             f"intensity M*K*N/(M*K+K*N+M*N) >= {FP8_MIN_INTENSITY} FLOP/byte (compute-bound, so FP8 pays for its casts)")
